@@ -1,0 +1,197 @@
+"""The data file's format: a file header, then records. Pure functions, no I/O.
+
+File header (16 bytes)::
+
+    magic "BUNTSESS" | version u16 | flags u16 | crc32 of the 12 bytes before it, u32
+
+Record (28-byte header, then the key and the value)::
+
+    marker 4 bytes | type u8 | flags u8 | key length u16 | value length u32 | expire_at f64
+    | crc32 of key + value, u32 | crc32 of the 24 header bytes before it, u32 | key | value
+
+All integers are little-endian. `expire_at` is an absolute unix time in seconds, meaningful only when the
+HAS_EXPIRY flag is set. A DEL record has an empty value; an EXPIRE record has an empty value and changes
+only the key's expiry (without HAS_EXPIRY it makes the key persistent).
+
+The header checksum lets a reader trust the lengths before it touches the payload, so a damaged length
+never sends it past the record; the marker lets it look for the next record after a damaged one, which is
+how damage (something valid follows) is told from a torn tail (nothing valid follows).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+MAGIC: Final = b"BUNTSESS"
+VERSION: Final = 1
+FILE_HEADER: Final = struct.Struct("<8sHHI")
+FILE_HEADER_SIZE: Final = FILE_HEADER.size
+
+MARKER: Final = b"\xb5\x0e\x5e\x55"
+_HEAD: Final = struct.Struct("<4sBBHIdI")  # the 24 bytes the header checksum covers
+_CRC: Final = struct.Struct("<I")
+RECORD_HEADER_SIZE: Final = _HEAD.size + _CRC.size
+
+SET: Final = 1
+DEL: Final = 2
+EXPIRE: Final = 3
+_TYPES: Final = frozenset((SET, DEL, EXPIRE))
+HAS_EXPIRY: Final = 0x01
+
+MAX_KEY_SIZE: Final = 0xFFFF
+MAX_VALUE_SIZE: Final = 64 * 1024 * 1024
+"""Larger values are refused by `DB.set`, and a length over this cap is never believed when reading."""
+
+_crc32 = zlib.crc32
+
+
+def encode_file_header() -> bytes:
+    head = FILE_HEADER.pack(MAGIC, VERSION, 0, 0)[:-4]
+    return head + _CRC.pack(_crc32(head))
+
+
+def encode_record(rtype: int, key: bytes, value: bytes, expire_at: float | None) -> bytes:
+    """Frame one record. The caller has checked the sizes against MAX_KEY_SIZE and MAX_VALUE_SIZE."""
+    if expire_at is None:
+        flags, exp = 0, 0.0
+    else:
+        flags, exp = HAS_EXPIRY, expire_at
+    head = _HEAD.pack(MARKER, rtype, flags, len(key), len(value), exp, _crc32(value, _crc32(key)))
+    return b"".join((head, _CRC.pack(_crc32(head)), key, value))
+
+
+def record_size(key: bytes, value: bytes) -> int:
+    return RECORD_HEADER_SIZE + len(key) + len(value)
+
+
+class HeaderError(Exception):
+    """The file header is not that of a buntsession file this version can read. `torn` marks a short header."""
+
+    def __init__(self, reason: str, *, torn: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.torn = torn
+
+
+def check_file_header(data: bytes | memoryview) -> None:
+    """Raise HeaderError unless `data` starts with a valid header of a version this code reads."""
+    head = bytes(data[:FILE_HEADER_SIZE])
+    if len(head) < FILE_HEADER_SIZE:
+        if MAGIC.startswith(head[: len(MAGIC)]):
+            raise HeaderError("file header is incomplete", torn=True)
+        raise HeaderError("not a buntsession data file (wrong magic)")
+    magic, version, _flags, crc = FILE_HEADER.unpack(head)
+    if magic != MAGIC:
+        raise HeaderError("not a buntsession data file (wrong magic)")
+    if _crc32(head[:-4]) != crc:
+        raise HeaderError("file header checksum mismatch")
+    if version > VERSION:
+        raise HeaderError(f"file format version {version} is newer than this buntsession reads ({VERSION})")
+    if version < 1:
+        raise HeaderError(f"unknown file format version {version}")
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """Why the bytes at `offset` are not a valid record, and where a later valid record starts (if any)."""
+
+    offset: int
+    reason: str
+    next_valid: int | None
+    fatal: bool = False
+    """True for a record whose checksums hold but whose content this version cannot use: never a torn tail."""
+
+
+Apply = Callable[[int, str, bytes, float | None], None]
+
+
+def _check(buf: memoryview, pos: int, end: int) -> tuple[int, str]:
+    """Validate the record at `pos`. Return (record end, "") or (resume offset for the search, reason).
+
+    The resume offset is where a search for a later valid record may start: just past `pos` when the
+    header cannot be trusted, past the whole record when the header (and so its length) holds.
+    A reason starting with "!" is fatal: the record's checksums hold but its content is unusable.
+    """
+    if end - pos < RECORD_HEADER_SIZE:
+        return pos + 1, "incomplete record header"
+    marker, rtype, flags, klen, vlen, exp, pcrc = _HEAD.unpack_from(buf, pos)
+    if marker != MARKER:
+        return pos + 1, "no record marker"
+    if _crc32(buf[pos : pos + 24]) != _CRC.unpack_from(buf, pos + 24)[0]:
+        return pos + 1, "record header checksum mismatch"
+    if vlen > MAX_VALUE_SIZE:
+        return pos + 1, f"record length {vlen} over the cap"
+    stop = pos + RECORD_HEADER_SIZE + klen + vlen
+    if stop > end:
+        return end, "record runs past the end of the file"
+    body = pos + RECORD_HEADER_SIZE
+    if _crc32(buf[body + klen : stop], _crc32(buf[body : body + klen])) != pcrc:
+        return stop, "record payload checksum mismatch"
+    if rtype not in _TYPES:
+        return stop, f"!unknown record type {rtype}"
+    if flags & ~HAS_EXPIRY or klen == 0 or (rtype != SET and vlen) or (flags and not math.isfinite(exp)):
+        return stop, "!malformed record"
+    return stop, ""
+
+
+def find_valid_record(buf: memoryview, start: int, end: int) -> int | None:
+    """Offset of the first valid record at or after `start`, or None. `buf` views a whole bytes or mmap."""
+    find = buf.obj.find if isinstance(buf.obj, bytes | mmap.mmap) else bytes(buf).find
+    pos = start
+    while True:
+        pos = find(MARKER, pos, end)
+        if pos < 0:
+            return None
+        _, reason = _check(buf, pos, end)
+        if not reason:
+            return pos
+        pos += 1
+
+
+def replay(buf: memoryview, start: int, apply: Apply) -> tuple[int, Damage | None]:
+    """Apply every valid record from `start` in order. Return (end of the last valid record, damage or None).
+
+    Replay stops at the first invalid record. The returned Damage says whether a valid record follows
+    (`next_valid`), which makes it damage rather than a torn tail. Keys are decoded as UTF-8.
+    """
+    end = len(buf)
+    pos = start
+    unpack_head = _HEAD.unpack_from
+    unpack_crc = _CRC.unpack_from
+    crc32 = _crc32
+    while pos < end:
+        # The common case, inlined: a well-formed record. Anything unusual goes through _check.
+        if end - pos >= RECORD_HEADER_SIZE:
+            marker, rtype, flags, klen, vlen, exp, pcrc = unpack_head(buf, pos)
+            body = pos + RECORD_HEADER_SIZE
+            stop = body + klen + vlen
+            if (
+                marker == MARKER
+                and crc32(buf[pos : pos + 24]) == unpack_crc(buf, pos + 24)[0]
+                and vlen <= MAX_VALUE_SIZE
+                and stop <= end
+                and crc32(buf[body + klen : stop], crc32(buf[body : body + klen])) == pcrc
+                and rtype in _TYPES
+                and klen
+                and not flags & ~HAS_EXPIRY
+                and (rtype == SET or not vlen)
+                and (not flags or math.isfinite(exp))
+            ):
+                try:
+                    key = str(buf[body : body + klen], "utf-8")
+                except UnicodeDecodeError:
+                    return pos, Damage(pos, "record key is not valid UTF-8", None, fatal=True)
+                apply(rtype, key, bytes(buf[body + klen : stop]), exp if flags else None)
+                pos = stop
+                continue
+        resume, reason = _check(buf, pos, end)
+        if reason.startswith("!"):
+            return pos, Damage(pos, reason[1:], None, fatal=True)
+        return pos, Damage(pos, reason, find_valid_record(buf, resume, end))
+    return pos, None
