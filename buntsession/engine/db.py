@@ -170,10 +170,13 @@ class DB:
                 return
             started = time.perf_counter()
             self._fork_gen = _fork_generation
-            data: dict[str, Entry] = {}
+            replayed: dict[str, Entry] = {}
             log = None
             if not self._memory:
-                log = AppendLog.open(self._abspath, self._fileops, self.lock_timeout, _replayer(data, self._clock()))
+                log = AppendLog.open(self._abspath, self._fileops, self.lock_timeout, _replayer(replayed))
+            now = self._clock()
+            data = {key: entry for key, entry in replayed.items() if entry[1] is None or entry[1] > now}
+            del replayed
             heap = [(exp, key) for key, (_, exp) in data.items() if exp is not None]
             heapq.heapify(heap)
             self._data, self._heap, self._log = data, heap, log
@@ -424,10 +427,7 @@ class DB:
                          self._abspath, exc)
 
     def _expire_at(self, ttl: object) -> float:
-        at = self._clock() + _seconds(ttl, "ttl")
-        if not math.isfinite(at):
-            raise ValueError(f"ttl {ttl!r} is too large")
-        return at
+        return self._clock() + _seconds(ttl, "ttl")
 
     # -- internals: the index --------------------------------------------------------------------------------
 
@@ -616,24 +616,22 @@ class _Maintenance(threading.Thread):
 # -- argument checks -----------------------------------------------------------------------------------------
 
 
-def _replayer(data: dict[str, Entry], now: float) -> fmt.Apply:
-    """Apply records to `data` as they are read at open. An expired SET removes any older value."""
+def _replayer(data: dict[str, Entry]) -> fmt.Apply:
+    """Apply records to `data` in file order, as they were applied when written.
+
+    Expiry is not judged here: a later EXPIRE may have extended a SET's expiry, and a record only follows
+    an expired key when it replaces it. The caller drops what has expired once every record is in.
+    """
 
     def apply(rtype: int, key: str, value: bytes, expire_at: float | None) -> None:
         if rtype == fmt.SET:
-            if expire_at is not None and expire_at <= now:
-                data.pop(key, None)
-            else:
-                data[key] = (value, expire_at)
+            data[key] = (value, expire_at)
         elif rtype == fmt.DEL:
             data.pop(key, None)
         else:
             entry = data.get(key)
             if entry is not None:
-                if expire_at is not None and expire_at <= now:
-                    del data[key]
-                else:
-                    data[key] = (entry[0], expire_at)
+                data[key] = (entry[0], expire_at)
 
     return apply
 

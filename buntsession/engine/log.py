@@ -345,23 +345,23 @@ def _initialise(path: str, fd: int, ops: FileOps, size: int) -> int:
 def _load(path: str, fd: int, size: int, ops: FileOps, apply: fmt.Apply) -> int:
     data = ops.read_all(fd, size)
     try:
-        view = memoryview(data)
-        try:
-            fmt.check_file_header(view)
-        except fmt.HeaderError as exc:
-            if not exc.torn:
-                raise CorruptFileError(path, 0, exc.reason) from None
-            view.release()
-            logger.warning("%s: incomplete file header (%d bytes) from an interrupted creation; "
-                           "starting the file anew", path, size)
-            return _initialise(path, fd, ops, size)
-        try:
-            end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
-        finally:
-            view.release()
+        with memoryview(data) as view:
+            try:
+                fmt.check_file_header(view)
+            except fmt.HeaderError as exc:
+                if not exc.torn:
+                    raise CorruptFileError(path, 0, exc.reason) from None
+                torn_header = True
+            else:
+                torn_header = False
+                end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
     finally:
         if isinstance(data, mmap.mmap):
             data.close()
+    if torn_header:
+        logger.warning("%s: incomplete file header (%d bytes) from an interrupted creation; starting the file anew",
+                       path, size)
+        return _initialise(path, fd, ops, size)
     if damage is not None:
         if damage.fatal or damage.next_valid is not None:
             where = "" if damage.next_valid is None else f" (a valid record follows at {damage.next_valid})"
