@@ -18,10 +18,11 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Literal, get_args
+from typing import Final, Literal, NoReturn, get_args
 
 import anyio
 import anyio.lowlevel
@@ -40,6 +41,8 @@ MEMORY: Final = ":memory:"
 _CLEANUP_BATCH: Final = 500
 """Expired keys dropped per hold of the lock: small enough that a writer never waits long for it."""
 _SNAPSHOT_CHUNK: Final = 1000
+_FAST_KEY_CHARS: Final = fmt.MAX_KEY_SIZE  # an ASCII key this long encodes within the limit
+_FAST_TTL_LIMIT: Final = 1 << 52  # below it an int ttl converts to float exactly and the sum stays finite
 _SHRINK_RETRY_FIRST: Final = 60.0
 _SHRINK_RETRY_MAX: Final = 3600.0
 
@@ -47,13 +50,17 @@ KeySet = set[str]  # spelled here because inside DB, `set` names the method
 Entry = tuple[bytes, float | None]
 """What the index keeps per key: the value and its absolute expiry (unix seconds) or None."""
 
-# A child process forked after open shares the parent's file and lock; it must not write through them.
+# A child process forked after open shares the parent's file and lock; it must not use them. Its copies
+# of the open DBs forget their keys, so every call (reads included) finds the fork and refuses.
 _fork_generation = 0
+_open_dbs: weakref.WeakSet[DB] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    for db in list(_open_dbs):
+        db._data = {}
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -103,6 +110,7 @@ class DB:
         _require_int("autoshrink_min_size", autoshrink_min_size)
         self.path = os.fspath(path)
         self.sync_policy: SyncPolicy = sync
+        self._always = sync == "always"
         self.autoshrink = bool(autoshrink)
         self.autoshrink_percentage = autoshrink_percentage
         self.autoshrink_min_size = autoshrink_min_size
@@ -185,6 +193,7 @@ class DB:
             self._shrink_retry_at, self._shrink_backoff = 0.0, _SHRINK_RETRY_FIRST
             self._open = True
             self._users = 1
+            _open_dbs.add(self)
             self._worker = _Maintenance(self)
             self._worker.start()
             if log is not None:
@@ -214,6 +223,7 @@ class DB:
         with self._shrink_lock, self._lock:
             self._open = False
             log, self._log = self._log, None
+        _open_dbs.discard(self)
         self._data, self._heap = {}, []
         if log is None:
             return
@@ -233,26 +243,24 @@ class DB:
 
     async def get(self, key: str) -> bytes | None:
         """The value of `key`, or None when it is absent or expired."""
-        if not self._open or self._fork_gen != _fork_generation:
-            self._raise_unusable()
-        if type(key) is not str or not key:
-            _check_key(key)
+        # A closed DB, and a forked child's copy, hold no keys: a hit needs no further checks.
         entry = self._data.get(key)
-        if entry is None:
-            return None
-        exp = entry[1]
-        if exp is not None and exp <= self._clock():
+        if entry is not None:
+            exp = entry[1]
+            if exp is None or exp > self._clock():
+                return entry[0]
             self._forget(key, entry)
             return None
-        return entry[0]
+        self._check_read(key)
+        return None
 
     async def ttl(self, key: str) -> float | None:
         """Seconds until `key` expires, or None when it has no expiry, is absent, or has expired."""
-        if not self._open or self._fork_gen != _fork_generation:
-            self._raise_unusable()
-        _check_key(key)
         entry = self._data.get(key)
-        if entry is None or entry[1] is None:
+        if entry is None:
+            self._check_read(key)
+            return None
+        if entry[1] is None:
             return None
         left = entry[1] - self._clock()
         if left <= 0:
@@ -308,30 +316,47 @@ class DB:
 
     async def set(self, key: str, value: bytes | bytearray | memoryview, ttl: float | None = None) -> None:
         """Store `value` under `key`, expiring after `ttl` seconds (None: never)."""
-        kb = _key_bytes(key)
-        if type(value) is not bytes:
+        # The hot path: the common argument types are checked inline, anything else by the helpers,
+        # which raise the errors the contract names.
+        if type(key) is str and key and len(key) <= _FAST_KEY_CHARS and key.isascii():
+            kb = key.encode()
+        else:
+            kb = _key_bytes(key)
+        if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
             value = _value_bytes(value)
-        elif len(value) > fmt.MAX_VALUE_SIZE:
-            _value_bytes(value)
-        expire_at = None if ttl is None else self._expire_at(ttl)
+        if ttl is None:
+            expire_at = None
+        elif (type(ttl) is int or type(ttl) is float) and 0 < ttl < _FAST_TTL_LIMIT:
+            expire_at = self._clock() + ttl
+        else:
+            expire_at = self._expire_at(ttl)
         record = fmt.encode_record(fmt.SET, kb, value, expire_at)
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(False):  # positional: the keyword form costs twice as much
             await self._wait_for_lock()
         try:
-            log = self._writable()
+            if not self._open or self._failed is not None or self._fork_gen != _fork_generation:
+                self._writable()  # raises why
+            log = self._log
             if log is not None:
-                await self._append(log, record)
-            self._put(key, (value, expire_at))
+                try:
+                    log.append(record)
+                except AppendFailed as exc:
+                    await self._recover_append(log, exc)
+            data = self._data
+            old = data.get(key)
+            data[key] = (value, expire_at)
+            if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
+                heapq.heappush(self._heap, (expire_at, key))
         finally:
             self._lock.release()
-        if self.sync_policy == "always" and log is not None:
+        if self._always and log is not None:
             await self._sync_to(log, log.written)
 
     async def expire(self, key: str, ttl: float | None) -> bool:
         """Change only the expiry of `key` (None: no expiry). False, writing nothing, when it is absent."""
         kb = _key_bytes(key)
         expire_at = None if ttl is None else self._expire_at(ttl)
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(False):
             await self._wait_for_lock()
         try:
             log = self._writable()
@@ -343,14 +368,14 @@ class DB:
             self._put(key, (entry[0], expire_at))
         finally:
             self._lock.release()
-        if self.sync_policy == "always" and log is not None:
+        if self._always and log is not None:
             await self._sync_to(log, log.written)
         return True
 
     async def delete(self, key: str) -> bool:
         """Remove `key`. True if it existed; an expired key does not, and nothing is written for it."""
         kb = _key_bytes(key)
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(False):
             await self._wait_for_lock()
         try:
             log = self._writable()
@@ -361,7 +386,7 @@ class DB:
             del self._data[key]
         finally:
             self._lock.release()
-        if self.sync_policy == "always" and log is not None:
+        if self._always and log is not None:
             await self._sync_to(log, log.written)
         return True
 
@@ -382,7 +407,7 @@ class DB:
         # _lock is held briefly by a cleanup batch or the end of a rewrite, in another thread. Wait by
         # sleeping, so the loop serves other tasks meanwhile and a cancelled wait holds nothing.
         delay = 0.0001
-        while not self._lock.acquire(blocking=False):
+        while not self._lock.acquire(False):
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.005)
 
@@ -396,6 +421,12 @@ class DB:
             ) from self._failed
         return self._log
 
+    def _check_read(self, key: object) -> None:
+        """Raise for a bad key or a DB that cannot serve reads."""
+        _check_key(key)
+        if not self._open or self._fork_gen != _fork_generation:
+            self._raise_unusable()
+
     def _raise_unusable(self) -> None:
         if self._open and self._fork_gen != _fork_generation:
             raise FileLockedError(self._abspath, "this DB was opened by the parent of this forked process")
@@ -405,11 +436,15 @@ class DB:
         try:
             log.append(record)
         except AppendFailed as exc:
-            try:
-                await anyio.to_thread.run_sync(log.truncate_to_end)
-            except OSError as trunc_exc:
-                self._fail(trunc_exc, "truncating a failed write")
-            raise StoreError(str(exc)) from exc.__cause__
+            await self._recover_append(log, exc)
+
+    async def _recover_append(self, log: AppendLog, exc: AppendFailed) -> NoReturn:
+        """Cut what a failed append left (off the event loop), then raise StoreError."""
+        try:
+            await anyio.to_thread.run_sync(log.truncate_to_end)
+        except OSError as trunc_exc:
+            self._fail(trunc_exc, "truncating a failed write")
+        raise StoreError(str(exc)) from exc.__cause__
 
     async def _sync_to(self, log: AppendLog, written: int) -> None:
         try:
@@ -449,7 +484,7 @@ class DB:
 
     def _forget(self, key: str, entry: Entry) -> None:
         """Drop an expired entry found by a reader, unless the lock is busy (cleanup will get it)."""
-        if self._lock.acquire(blocking=False):
+        if self._lock.acquire(False):
             try:
                 if self._data.get(key) is entry:
                     del self._data[key]

@@ -36,8 +36,8 @@ class FileOps:
     def close(self, fd: int) -> None:
         os.close(fd)
 
-    def write(self, fd: int, data: bytes) -> int:
-        return os.write(fd, data)
+    # The one call on every DB write: the builtin itself, so the seam costs no extra Python frame.
+    write = staticmethod(os.write)
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
