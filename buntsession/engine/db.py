@@ -136,6 +136,7 @@ class DB:
         self._failed: BaseException | None = None
         self._worker: _Maintenance | None = None
         self._shrink_lock = threading.Lock()
+        self._sync_batch: anyio.Event | None = None  # set while a group-commit fsync is in flight
         self._shrinks = 0
         self._base_size = 0
         self._shrink_retry_at = 0.0
@@ -447,13 +448,30 @@ class DB:
         raise StoreError(str(exc)) from exc.__cause__
 
     async def _sync_to(self, log: AppendLog, written: int) -> None:
-        try:
-            await anyio.to_thread.run_sync(log.sync_to, written)
-        except OSError as exc:
-            if not self._open:
-                raise StoreError(f"{self._abspath}: the DB was closed") from exc
-            self._fail(exc, "fsync")
-            raise StoreError(f"{self._abspath}: fsync failed: {exc}") from exc
+        """Return once the first `written` bytes appended are durable (group commit).
+
+        One caller at a time leads: it runs one fsync in a worker thread, covering everything appended
+        so far. The others wait for that fsync; whoever it did not cover leads the next one. So one
+        thread hop and one fsync serve every writer that arrived meanwhile.
+        """
+        while log.synced < written:
+            if log.failed is not None:
+                raise StoreError(f"{self._abspath}: fsync failed; reopen the DB") from log.failed
+            batch = self._sync_batch
+            if batch is not None:
+                await batch.wait()
+                continue
+            batch = self._sync_batch = anyio.Event()
+            try:
+                await anyio.to_thread.run_sync(log.sync_to, log.written)
+            except OSError as exc:
+                if not self._open:
+                    raise StoreError(f"{self._abspath}: the DB was closed") from exc
+                self._fail(exc, "fsync")
+                raise StoreError(f"{self._abspath}: fsync failed: {exc}") from exc
+            finally:
+                self._sync_batch = None
+                batch.set()
 
     def _fail(self, exc: BaseException, what: str) -> None:
         if self._failed is None:
