@@ -243,3 +243,44 @@ async def test_concurrent_writers_on_one_key_leave_file_and_memory_agreeing(db_p
         final = await db.get("same")
     async with DB(db_path) as db:
         assert await db.get("same") == final
+
+
+async def test_set_with_an_absolute_expiry(db_path: str) -> None:
+    clock = FakeClock()
+    db = DB(db_path)
+    db._clock = clock
+    async with db:
+        await db.set("k", b"v", expire_at=clock.now + 40)
+        assert await db.ttl("k") == pytest.approx(40)
+        await db.set("past", b"v", expire_at=clock.now - 1)
+        assert await db.get("past") is None
+        with pytest.raises(TypeError):
+            await db.set("k", b"v", ttl=5, expire_at=clock.now + 5)
+        with pytest.raises(ValueError):
+            await db.set("k", b"v", expire_at=float("nan"))
+        with pytest.raises(TypeError):
+            await db.set("k", b"v", expire_at="soon")  # type: ignore[arg-type]
+
+
+async def test_update_reads_and_writes_atomically(db_path: str) -> None:
+    async with DB(db_path) as db:
+        assert await db.update("n", lambda old: None) is False
+        assert await db.get("n") is None
+
+        def increment(old: bytes | None) -> tuple[bytes, float | None]:
+            return str(int(old or b"0") + 1).encode(), None
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(200):
+                tg.start_soon(db.update, "n", increment)
+        assert await db.get("n") == b"200"
+
+        def boom(old: bytes | None) -> tuple[bytes, float | None]:
+            raise RuntimeError("no")
+
+        size = db.stats().file_size
+        with pytest.raises(RuntimeError):
+            await db.update("n", boom)
+        assert db.stats().file_size == size
+    async with DB(db_path) as db:
+        assert await db.get("n") == b"200"

@@ -315,8 +315,16 @@ class DB:
 
     # -- writes ----------------------------------------------------------------------------------------------
 
-    async def set(self, key: str, value: bytes | bytearray | memoryview, ttl: float | None = None) -> None:
-        """Store `value` under `key`, expiring after `ttl` seconds (None: never)."""
+    async def set(
+        self,
+        key: str,
+        value: bytes | bytearray | memoryview,
+        ttl: float | None = None,
+        *,
+        expire_at: float | None = None,
+    ) -> None:
+        """Store `value` under `key`, expiring after `ttl` seconds, or at the unix time `expire_at`
+        (a time already past stores a key that is never returned); neither: never."""
         # The hot path: the common argument types are checked inline, anything else by the helpers,
         # which raise the errors the contract names.
         if type(key) is str and key and len(key) <= _FAST_KEY_CHARS and key.isascii():
@@ -326,7 +334,10 @@ class DB:
         if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
             value = _value_bytes(value)
         if ttl is None:
-            expire_at = None
+            if expire_at is not None:
+                expire_at = _unix_time(expire_at)
+        elif expire_at is not None:
+            raise TypeError("give ttl or expire_at, not both")
         elif (type(ttl) is int or type(ttl) is float) and 0 < ttl < _FAST_TTL_LIMIT:
             expire_at = self._clock() + ttl
         else:
@@ -343,15 +354,38 @@ class DB:
                     log.append(record)
                 except AppendFailed as exc:
                     await self._recover_append(log, exc)
-            data = self._data
-            old = data.get(key)
-            data[key] = (value, expire_at)
-            if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
-                heapq.heappush(self._heap, (expire_at, key))
+            self._put(key, (value, expire_at))
         finally:
             self._lock.release()
         if self._always and log is not None:
             await self._sync_to(log, log.written)
+
+    async def update(self, key: str, change: Callable[[bytes | None], tuple[bytes, float | None] | None]) -> bool:
+        """Read, change and write `key` atomically: no other write to the DB comes in between.
+
+        `change` gets the live value (None when absent or expired) and returns the new value with its
+        absolute expiry (unix time, or None for none), or None to leave the key as it is. It runs while
+        writes wait, so it must be short, and it must not await. Returns True when something was written.
+        An exception from `change` propagates and nothing is written.
+        """
+        kb = _key_bytes(key)
+        if not self._lock.acquire(False):
+            await self._wait_for_lock()
+        try:
+            log = self._writable()
+            entry = self._live(key)
+            new = change(None if entry is None else entry[0])
+            if new is None:
+                return False
+            value, expire_at = _value_bytes(new[0]), None if new[1] is None else _unix_time(new[1])
+            if log is not None:
+                await self._append(log, fmt.encode_record(fmt.SET, kb, value, expire_at))
+            self._put(key, (value, expire_at))
+        finally:
+            self._lock.release()
+        if self._always and log is not None:
+            await self._sync_to(log, log.written)
+        return True
 
     async def expire(self, key: str, ttl: float | None) -> bool:
         """Change only the expiry of `key` (None: no expiry). False, writing nothing, when it is absent."""
@@ -735,6 +769,18 @@ def _seconds(value: object, name: str) -> float:
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"{name} must be positive and finite, not {value!r}")
     return seconds
+
+
+def _unix_time(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expire_at must be a unix time in seconds, not {type(value).__name__}")
+    try:
+        at = float(value)
+    except OverflowError:
+        at = math.inf
+    if not math.isfinite(at):
+        raise ValueError(f"expire_at must be finite, not {value!r}")
+    return at
 
 
 def _require_int(name: str, value: object) -> None:
