@@ -2,14 +2,24 @@
 
 from buntsession.engine import DB, Stats, SyncPolicy
 from buntsession.errors import CorruptFileError, Error, FileLockedError, SessionTypeError, StoreError
+from buntsession.middleware import SessionMiddleware
+from buntsession.session import Session, Status
+from buntsession.stores import BuntStore, MemoryStore, SessionStore, Store
 
 __all__ = [
     "DB",
+    "BuntStore",
     "CorruptFileError",
     "Error",
     "FileLockedError",
+    "MemoryStore",
+    "Session",
+    "SessionMiddleware",
+    "SessionStore",
     "SessionTypeError",
     "Stats",
+    "Status",
+    "Store",
     "StoreError",
     "SyncPolicy",
 ]

@@ -255,6 +255,18 @@ class DB:
         self._check_read(key)
         return None
 
+    async def get_with_expiry(self, key: str) -> tuple[bytes, float | None] | None:
+        """The value of `key` and its absolute expiry (unix time, or None), or None when absent or expired."""
+        entry = self._data.get(key)
+        if entry is not None:
+            exp = entry[1]
+            if exp is None or exp > self._clock():
+                return entry
+            self._forget(key, entry)
+            return None
+        self._check_read(key)
+        return None
+
     async def ttl(self, key: str) -> float | None:
         """Seconds until `key` expires, or None when it has no expiry, is absent, or has expired."""
         entry = self._data.get(key)
@@ -387,10 +399,16 @@ class DB:
             await self._sync_to(log, log.written)
         return True
 
-    async def expire(self, key: str, ttl: float | None) -> bool:
-        """Change only the expiry of `key` (None: no expiry). False, writing nothing, when it is absent."""
+    async def expire(self, key: str, ttl: float | None, *, expire_at: float | None = None) -> bool:
+        """Change only the expiry of `key`: `ttl` seconds from now, or the unix time `expire_at`, or (both
+        None) no expiry. False, writing nothing, when the key is absent."""
         kb = _key_bytes(key)
-        expire_at = None if ttl is None else self._expire_at(ttl)
+        if ttl is not None:
+            if expire_at is not None:
+                raise TypeError("give ttl or expire_at, not both")
+            expire_at = self._expire_at(ttl)
+        elif expire_at is not None:
+            expire_at = _unix_time(expire_at)
         if not self._lock.acquire(False):
             await self._wait_for_lock()
         try:
