@@ -1,57 +1,56 @@
-"""A small FastAPI app on the embedded engine: a visit counter and a key/value API with expiry.
+"""The README's example: a FastAPI app with server-side sessions on the embedded engine.
 
-Run it from the checkout:  .venv/bin/uvicorn --app-dir examples app:app
-Then:  curl localhost:8000/            (counts visits; the count survives restarts)
-       curl -X PUT localhost:8000/kv/greeting?ttl=60 -d 'hello'
-       curl localhost:8000/kv/greeting
+Run it from the checkout:  .venv/bin/uvicorn examples.app:app
+Then, keeping the cookie between calls:
+    curl -c jar -b jar localhost:8000/put
+    curl -c jar -b jar localhost:8000/get              -> "Hello world!"
+    curl -c jar -b jar -X POST localhost:8000/login    (a new token, same data)
+    curl -c jar -b jar -X POST localhost:8000/logout   (the session is gone)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request
 
-from buntsession import DB
+from buntsession import DB, BuntStore, SessionMiddleware
+from buntsession.fastapi import SessionDep
 
-db = DB(os.environ.get("EXAMPLE_DB", "example.db"))
-
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with db:  # lock and load the file at startup; fsync and release it at shutdown
-        yield
+app = FastAPI()
+app.add_middleware(
+    SessionMiddleware,
+    store=BuntStore(DB(os.environ.get("EXAMPLE_DB", "sessions.db"))),
+    secret_key=os.environ.get("SESSION_SECRET", "change-me"),
+)
 
 
-app = FastAPI(lifespan=lifespan)
+@app.get("/put")
+async def put(request: Request) -> dict[str, str]:
+    request.state.session.put_string("message", "Hello world!")
+    return {"status": "stored"}
 
 
-@app.get("/")
-async def visits() -> dict[str, int]:
-    count = int(await db.get("visits") or b"0") + 1
-    await db.set("visits", str(count).encode())
-    return {"visits": count, "keys": len(db)}
+@app.get("/get")
+async def get(request: Request) -> str:
+    message: str = request.state.session.get_string("message")
+    return message
 
 
-@app.put("/kv/{key}", status_code=204)
-async def put(key: str, request: Request, ttl: float | None = None) -> Response:
-    await db.set(f"kv:{key}", await request.body(), ttl=ttl)
-    return Response(status_code=204)
+@app.get("/visits")
+async def visits(session: SessionDep) -> int:
+    session.put_int("visits", session.get_int("visits") + 1)
+    return session.get_int("visits")
 
 
-@app.get("/kv/{key}")
-async def get(key: str) -> Response:
-    value = await db.get(f"kv:{key}")
-    if value is None:
-        raise HTTPException(404, "absent or expired")
-    ttl = await db.ttl(f"kv:{key}")
-    headers = {} if ttl is None else {"X-TTL": f"{ttl:.1f}"}
-    return Response(value, media_type="application/octet-stream", headers=headers)
+@app.post("/login")
+async def login(session: SessionDep) -> dict[str, str]:
+    session.renew_token()  # a new token at every change of privilege stops session fixation
+    session.put_string("user", "alice")
+    return {"status": "logged in"}
 
 
-@app.get("/stats")
-async def stats() -> dict[str, int]:
-    s = db.stats()
-    return {"keys": s.keys, "expired": s.expired, "file_size": s.file_size, "fsyncs": s.fsyncs, "shrinks": s.shrinks}
+@app.post("/logout")
+async def logout(session: SessionDep) -> dict[str, str]:
+    session.destroy()
+    return {"status": "logged out"}

@@ -1,4 +1,4 @@
-"""The README's example app, served by a real uvicorn: the counter survives a restart."""
+"""The README's example app, served by a real uvicorn: sessions survive a restart, login and logout work."""
 
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ def free_port() -> int:
 def serve(db_path: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "EXAMPLE_DB": db_path}
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "examples"), "app:app",
+        [sys.executable, "-m", "uvicorn", "examples.app:app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            httpx.get(f"http://127.0.0.1:{port}/stats", timeout=1)
+            httpx.get(f"http://127.0.0.1:{port}/get", timeout=1)
             return server
         except httpx.TransportError:
             assert server.poll() is None, server.stdout.read() if server.stdout else b""
@@ -46,23 +46,30 @@ def stop(server: subprocess.Popen[bytes]) -> None:
     server.wait(timeout=30)
 
 
-def test_example_app_counts_visits_across_a_restart(tmp_path: Path) -> None:
-    db_path = str(tmp_path / "example.db")
+def test_example_app_keeps_sessions_across_a_restart(tmp_path: Path) -> None:
+    db_path = str(tmp_path / "sessions.db")
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}")
     server = serve(db_path, port)
     try:
-        assert httpx.get(base + "/").json()["visits"] == 1
-        assert httpx.get(base + "/").json()["visits"] == 2
-        assert httpx.put(base + "/kv/greeting?ttl=60", content=b"hello").status_code == 204
-        reply = httpx.get(base + "/kv/greeting")
-        assert reply.content == b"hello" and 0 < float(reply.headers["X-TTL"]) <= 60
-        assert httpx.get(base + "/kv/missing").status_code == 404
+        assert client.get("/get").json() == ""
+        put = client.get("/put")
+        assert "httponly" in put.headers["set-cookie"].lower()
+        assert client.get("/get").json() == "Hello world!"
+        assert [client.get("/visits").json() for _ in range(3)] == [1, 2, 3]
     finally:
         stop(server)
-    server = serve(db_path, port)
+    server = serve(db_path, port)  # a new process reads the same file
     try:
-        assert httpx.get(base + "/").json()["visits"] == 3
-        assert httpx.get(base + "/kv/greeting").content == b"hello"
+        assert client.get("/get").json() == "Hello world!"
+        assert client.get("/visits").json() == 4
+        before = client.cookies["session"]
+        client.post("/login")
+        assert client.cookies["session"] != before
+        assert client.get("/get").json() == "Hello world!"  # the data moved to the new token
+        stale = httpx.Client(base_url=client.base_url, cookies={"session": before})
+        assert stale.get("/get").json() == ""  # the old token is dead
+        client.post("/logout")
+        assert client.get("/get").json() == ""
     finally:
         stop(server)

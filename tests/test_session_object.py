@@ -1,0 +1,178 @@
+"""The Session object on its own: dict behaviour, change tracking, typed helpers, the codec's exact types."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from buntsession import Session, SessionTypeError, Status
+from buntsession.codec import Meta, Update, apply_update, decode_record, decode_value, encode_record, encode_value
+
+KINDS: list[tuple[str, Any, Any, Any]] = [
+    # (type name, a value of it, its default, a value of another type)
+    ("string", "héllo", "", 5),
+    ("int", 2**70, 0, True),
+    ("float", -0.5, 0.0, "1.5"),
+    ("bool", True, False, 1),
+    ("bytes", b"\x00\xff", b"", "text"),
+    ("time", datetime(2026, 11, 30, 12, 0, tzinfo=UTC), None, "2026-11-30"),
+    ("object", {"cart": [1, 2.5, "x", None, True, {"n": []}]}, None, (1, 2)),
+]
+
+
+@pytest.mark.parametrize(("kind", "value", "default", "wrong"), KINDS)
+def test_typed_helpers(kind: str, value: Any, default: Any, wrong: Any) -> None:
+    session = Session()
+    put, get, pop = (getattr(session, f"{verb}_{kind}") for verb in ("put", "get", "pop"))
+    assert get("absent") == default
+    assert pop("absent") == default
+    assert get("absent", value) == value
+    assert not session.modified
+    with pytest.raises(TypeError):
+        put("k", wrong)
+    assert "k" not in session
+    put("k", value)
+    assert session.modified and session.status is Status.MODIFIED
+    assert get("k") == value
+    assert pop("k") == value
+    assert "k" not in session
+
+
+@pytest.mark.parametrize("kind", ["string", "int", "float", "bool", "bytes", "time"])
+def test_typed_getter_on_another_type_raises(kind: str) -> None:
+    session = Session()
+    session["k"] = [1, 2] if kind != "time" else "not a time"
+    with pytest.raises(SessionTypeError):
+        getattr(session, f"get_{kind}")("k")
+    with pytest.raises(TypeError):  # SessionTypeError is a TypeError too
+        getattr(session, f"pop_{kind}")("k")
+    assert "k" in session  # a failed pop removes nothing
+
+
+def test_exact_types_are_kept_apart() -> None:
+    session = Session()
+    session.put_bool("flag", True)
+    with pytest.raises(SessionTypeError):
+        session.get_int("flag")  # a bool is not an int
+    with pytest.raises(TypeError):
+        session.put_int("n", True)
+    session.put_float("f", 1)
+    assert session.get_float("f") == 1.0 and type(session["f"]) is float
+    session.put_int("i", 3)
+    with pytest.raises(SessionTypeError):
+        session.get_float("i")
+    with pytest.raises(ValueError):
+        session.put_float("nan", math.nan)
+    assert session.get_object("i") == 3  # an int is JSON-like
+
+
+@pytest.mark.parametrize("value", [(1, 2), {1, 2}, {1: "a"}, [b"bytes inside"], object(), frozenset(), 1j,
+                                   [datetime.now()], {"x": (1,)}, float("inf")])
+def test_values_the_codec_cannot_keep_are_refused_at_assignment(value: Any) -> None:
+    session = Session()
+    with pytest.raises((TypeError, ValueError)):
+        session["k"] = value
+    with pytest.raises((TypeError, ValueError)):
+        session.update({"ok": 1, "k": value})
+    assert dict(session) == {}  # all or nothing
+    assert not session.modified
+
+
+def test_dict_interface_tracks_changes_like_starlettes() -> None:
+    session = Session()
+    assert not session.accessed
+    session.setdefault("a", 1)
+    assert session.modified
+    for change in (lambda s: s.pop("a"), lambda s: s.popitem(), lambda s: s.clear(),
+                   lambda s: s.update(b=2), lambda s: s.__ior__({"c": 3}), lambda s: s.__delitem__("a")):
+        fresh = Session()
+        dict.__setitem__(fresh, "a", 1)
+        change(fresh)
+        assert fresh.modified, change
+    untouched = Session()
+    untouched.pop("missing", None)
+    untouched.remove("missing")
+    assert not untouched.modified
+    json.dumps(session)  # still a plain dict to json
+
+
+def test_reads_mark_the_session_accessed() -> None:
+    for read in (lambda s: s.get("x"), lambda s: "x" in s, lambda s: list(s), lambda s: s.get_int("x"),
+                 lambda s: s.keys(), lambda s: s.exists("x"), lambda s: len(s)):
+        session = Session()
+        read(session)
+        assert session.accessed and not session.modified
+
+
+def test_frozen_session_refuses_changes() -> None:
+    session = Session(a=1)
+    session._freeze("read-only here")
+    for change in (lambda s: s.__setitem__("b", 1), lambda s: s.put_int("b", 1), lambda s: s.clear(),
+                   lambda s: s.pop("a"), lambda s: s.destroy(), lambda s: s.renew_token(),
+                   lambda s: s.remember_me(True), lambda s: s.popitem()):
+        with pytest.raises(RuntimeError, match="read-only here"):
+            change(session)
+    assert dict(session) == {"a": 1}
+    assert session.get("a") == 1
+
+
+def test_lifecycle_metadata() -> None:
+    session = Session()
+    assert session.token is None and session.created_at is None and session.expires_at is None
+    session.renew_token()
+    assert session.token is not None and len(session.token) == 43
+    session.destroy()
+    assert session.token is None and session.status is Status.DESTROYED
+    session.put_string("x", "after")
+    assert session.status is Status.MODIFIED
+
+
+times = st.datetimes(timezones=st.one_of(st.none(), st.just(UTC),
+                                        st.builds(timezone, st.timedeltas(timedelta(hours=-23), timedelta(hours=23)))))
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+values = json_like | st.binary() | times
+
+
+@given(values)
+def test_every_value_comes_back_with_its_exact_type(value: Any) -> None:
+    back = decode_value(encode_value(value))
+    assert back == value or (isinstance(value, float) and math.isnan(value))
+    assert type(back) is type(value)
+    if isinstance(value, datetime):
+        assert back.utcoffset() == value.utcoffset()
+
+
+@given(st.dictionaries(st.text(), values, max_size=6))
+def test_record_round_trip_and_merge(data: dict[str, Any]) -> None:
+    meta = Meta(created=1.5, end=100.0, remember=True)
+    record = encode_record(meta, {k: encode_value(v) for k, v in data.items()})
+    meta_back, encoded = decode_record(record)
+    assert meta_back == meta
+    assert {k: decode_value(v) for k, v in encoded.items()} == data
+    merged = apply_update(record, Update(put={"new": encode_value(1)}, removed=frozenset(data)))
+    assert merged is not None
+    assert decode_record(merged)[1] == {"new": "j1"}
+    assert apply_update(None, Update(put={"x": "s"})) is None  # gone sessions are never recreated
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not json", b"[]", b'{"v": 2}', b'{"v":1,"c":1,"e":2,"r":null,"d":{"k":5}}',
+                                     b'{"v":1,"c":"x","e":2,"r":null,"d":{}}', b"\xff\xfe", b"[" * 100000])
+def test_undecodable_records_raise_value_error(garbage: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_record(garbage)
+
+
+@pytest.mark.parametrize("text", ["", "x1", "j[1,", "jNaN", "j1e999", "b!!!", "tnot-a-time"])
+def test_undecodable_values_raise_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        decode_value(text)
