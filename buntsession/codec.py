@@ -40,7 +40,7 @@ def encode_value(value: object) -> str:
     if isinstance(value, datetime) and type(value) is datetime:
         return "t" + value.isoformat()
     check_json_like(value)
-    return "j" + json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return "j" + _ENCODER.encode(value)
 
 
 def check_json_like(value: object, depth: int = 0) -> None:
@@ -79,13 +79,18 @@ def _no_constant(text: str) -> None:
     raise ValueError(f"{text} is not allowed")
 
 
+# Built once: json.dumps and json.loads with options build a new encoder or decoder on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+
+
 def decode_value(text: str) -> Any:
     """Decode what encode_value made. ValueError for anything else."""
     tag, body = text[:1], text[1:]
     if tag == "s":
         return body
     if tag == "j":
-        return json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
+        return _DECODER.decode(body)
     if tag == "b":
         try:
             return base64.b64decode(body, validate=True)
@@ -110,7 +115,7 @@ class Meta:
 
 def encode_record(meta: Meta, values: Mapping[str, str]) -> bytes:
     record = {"v": RECORD_VERSION, "c": meta.created, "e": meta.end, "r": meta.remember, "d": values}
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+    return _ENCODER.encode(record).encode()
 
 
 def decode_record(data: bytes) -> tuple[Meta, dict[str, str]]:
@@ -146,6 +151,9 @@ class Update:
     create: bool = False
     """True for a new session; False applies only onto a session that still exists (a destroyed or
     renewed session is never brought back)."""
+    base: tuple[bytes, Meta, Mapping[str, str]] | None = None
+    """The record as the request loaded it, decoded: when the store still holds those very bytes, the
+    merge need not decode them again."""
 
 
 def apply_update(stored: bytes | None, update: Update) -> bytes | None:
@@ -161,7 +169,10 @@ def apply_update(stored: bytes | None, update: Update) -> bytes | None:
     elif stored is None:
         return None
     else:
-        meta, values = decode_record(stored)
+        if update.base is not None and stored == update.base[0]:
+            meta, values = update.base[1], dict(update.base[2])
+        else:
+            meta, values = decode_record(stored)
         if update.cleared:
             values = {}
         if update.meta is not None:

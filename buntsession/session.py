@@ -126,20 +126,24 @@ class Session(dict[str, Any]):
         self._remember: bool | None = None
         self._remember_changed = False
         self._loaded: dict[str, str] = {}  # encoded values as loaded, to find in-place changes
-        self._put: set[str] = set()
+        self._put: dict[str, str | None] = {}  # keys set, encoded (None: a list or dict, encoded at commit)
         self._removed: set[str] = set()
         self._cleared = False
         self._renewed = False
         self._destroyed = False
         self._dead_tokens: list[str] = []  # stored sessions that destroy() or renew_token() ended
         self._frozen: str | None = None
+        self._base: tuple[bytes, Meta, dict[str, str]] | None = None  # the record as loaded
 
     @classmethod
-    def _from_store(cls, token: str, meta: Meta, encoded: dict[str, str], expires: float | None) -> Session:
-        """A session loaded from a record. ValueError when a value cannot be decoded."""
+    def _from_store(cls, token: str, record: bytes, expires: float | None) -> Session:
+        """A session loaded from its record. ValueError when the record or a value cannot be decoded."""
+        meta, encoded = codec.decode_record(record)
         session = cls({key: codec.decode_value(text) for key, text in encoded.items()})
-        session._token, session._meta, session._expires = token, meta, expires
+        session._token, session._meta = token, meta
+        session._expires = expires if expires is not None else meta.end
         session._remember, session._loaded = meta.remember, encoded
+        session._base = (record, meta, encoded)
         return session
 
     # -- change tracking (Starlette's names) ----------------------------------------------------------------
@@ -162,14 +166,14 @@ class Session(dict[str, Any]):
     def _set(self, key: str, value: Any) -> None:
         if type(key) is not str:
             raise TypeError(f"session keys are str, not {type(key).__name__}")
-        codec.encode_value(value)  # raises now, not at commit, for a value that cannot be kept
+        encoded = codec.encode_value(value)  # raises now, not at commit, for a value that cannot be kept
         self.mark_modified()
         super().__setitem__(key, value)
-        self._put.add(key)
+        self._put[key] = None if type(value) in (list, dict) else encoded  # those may change in place
         self._removed.discard(key)
 
     def _forget(self, key: str) -> None:
-        self._put.discard(key)
+        self._put.pop(key, None)
         self._removed.add(key)
 
     # -- dict interface ------------------------------------------------------------------------------------
@@ -402,7 +406,7 @@ class Session(dict[str, Any]):
         super().clear()
         self._token = self._meta = self._expires = None
         self._remember, self._remember_changed = None, False
-        self._loaded, self._put, self._removed = {}, set(), set()
+        self._loaded, self._put, self._removed = {}, {}, set()
         self._cleared = self._renewed = False
         self._destroyed = True
 
@@ -412,7 +416,7 @@ class Session(dict[str, Any]):
         """The keys to write (encoded) and the keys to remove. A list or dict value changed in place since
         it was loaded counts as written: such changes are found by encoding it again."""
         get = super().__getitem__
-        put = {key: codec.encode_value(get(key)) for key in self._put}
+        put = {key: text if text is not None else codec.encode_value(get(key)) for key, text in self._put.items()}
         for key, text in self._loaded.items():
             if key not in put and super().__contains__(key) and type(get(key)) in (list, dict):
                 now = codec.encode_value(get(key))

@@ -476,3 +476,14 @@ def test_timing_of_a_request_is_not_a_test(tmp_path: Path) -> None:
         client.get("/incr")
     assert client.get("/get").json() == {"n": 200}
     assert time.monotonic() - started < 60
+
+
+def test_cookie_dates_are_formatted_as_the_standard_library_does() -> None:
+    import email.utils
+    import random
+
+    from buntsession.middleware import _http_date
+
+    rng = random.Random(3)
+    for moment in [0.0, 951782400.0, *(rng.uniform(0, 4e9) for _ in range(2000))]:
+        assert _http_date(moment) == email.utils.formatdate(moment, usegmt=True)

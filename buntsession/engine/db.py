@@ -389,7 +389,8 @@ class DB:
             new = change(None if entry is None else entry[0])
             if new is None:
                 return False
-            value, expire_at = _value_bytes(new[0]), None if new[1] is None else _unix_time(new[1])
+            value = new[0] if type(new[0]) is bytes else _value_bytes(new[0])
+            expire_at = None if new[1] is None else _unix_time(new[1])
             if log is not None:
                 await self._append(log, fmt.encode_record(fmt.SET, kb, value, expire_at))
             self._put(key, (value, expire_at))
@@ -770,7 +771,7 @@ def _key_bytes(key: object) -> bytes:
 
 def _value_bytes(value: object) -> bytes:
     if isinstance(value, bytes | bytearray | memoryview):
-        data = bytes(value)
+        data = value if type(value) is bytes else bytes(value)
         if len(data) > fmt.MAX_VALUE_SIZE:
             raise ValueError(f"value of {len(data)} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
         return data
