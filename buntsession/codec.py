@@ -30,9 +30,14 @@ RECORD_VERSION = 1
 _MAX_DEPTH = 64
 
 
+class UnkeepableFloat(TypeError, ValueError):
+    """A NaN or an infinity: a float the codec cannot keep. Both a TypeError (a value the codec cannot
+    keep) and a ValueError (a float of the wrong value), so either `except` catches it."""
+
+
 def encode_value(value: object) -> str:
-    """Encode `value` keeping its exact type. TypeError for a type that cannot be kept exactly
-    (a tuple, a set, a str subclass, a dict with non-str keys, ...), ValueError for a NaN or infinity."""
+    """Encode `value` keeping its exact type. TypeError for a value that cannot be kept exactly (a tuple,
+    a set, a str subclass, a dict with non-str keys, a NaN, ...)."""
     if isinstance(value, str) and type(value) is str:
         return "s" + value
     if isinstance(value, bytes) and type(value) is bytes:
@@ -50,7 +55,7 @@ def check_json_like(value: object, depth: int = 0) -> None:
         return
     if kind is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
-            raise ValueError(f"a session cannot keep the float {value!r}")
+            raise UnkeepableFloat(f"a session cannot keep the float {value!r}")
         return
     if depth >= _MAX_DEPTH:
         raise TypeError(f"a session value may nest {_MAX_DEPTH} levels deep at most")

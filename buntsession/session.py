@@ -36,8 +36,8 @@ def store_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class Status(enum.Enum):
-    """What a request did to its session, as Go's scs reports it."""
+class Status(enum.StrEnum):
+    """What a request did to its session, as Go's scs reports it. Compares equal to its string value."""
 
     UNMODIFIED = "unmodified"
     MODIFIED = "modified"
