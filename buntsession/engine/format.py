@@ -24,7 +24,7 @@ import math
 import mmap
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -195,3 +195,41 @@ def replay(buf: memoryview, start: int, apply: Apply) -> tuple[int, Damage | Non
             return pos, Damage(pos, reason[1:], None, fatal=True)
         return pos, Damage(pos, reason, find_valid_record(buf, resume, end))
     return pos, None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One valid record, as the operator tools see it."""
+
+    offset: int
+    end: int
+    rtype: int
+    key: str
+    value: bytes
+    expire_at: float | None
+
+
+def walk(buf: memoryview, start: int = FILE_HEADER_SIZE) -> Iterator[Record | Damage]:
+    """Every valid record in file order, and a Damage for each stretch that is not one. A Damage's
+    `next_valid` says where the walk goes on; None means the rest of the file is a tail, and the walk ends."""
+    end = len(buf)
+    pos = start
+    while pos < end:
+        stop, reason = _check(buf, pos, end)
+        if not reason:
+            _, rtype, flags, klen, _, exp, _ = _HEAD.unpack_from(buf, pos)
+            body = pos + RECORD_HEADER_SIZE
+            try:
+                key = str(buf[body : body + klen], "utf-8")
+            except UnicodeDecodeError:
+                reason = "!record key is not valid UTF-8"
+            else:
+                yield Record(pos, stop, rtype, key, bytes(buf[body + klen : stop]), exp if flags else None)
+                pos = stop
+                continue
+        fatal = reason.startswith("!")
+        following = find_valid_record(buf, stop, end)
+        yield Damage(pos, reason.lstrip("!"), following, fatal)
+        if following is None:
+            return
+        pos = following
