@@ -98,7 +98,7 @@ def test_repair_keeps_every_valid_record_and_the_original(good: str, tmp_path: P
 def test_shrink_command(good: str) -> None:
     async def churn() -> None:
         async with DB(good, autoshrink=False) as db:
-            for i in range(500):
+            for _ in range(500):
                 await db.set("churn", os.urandom(100))
 
     anyio.run(churn)
