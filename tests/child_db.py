@@ -5,16 +5,20 @@
     python child_db.py PATH phase:NAME            fill, then shrink and stop after phase NAME, writing meanwhile
     python child_db.py PATH hold [LOCK_TIMEOUT]   open, print "OPEN", wait for stdin to close
     python child_db.py PATH try                   try to open: "OPEN", or "LOCKED <message>"
+    python child_db.py PATH fsize                 hit RLIMIT_FSIZE in mid-record, then get the space back
 """
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import sys
 import time
 
 import anyio
 
-from buntsession import DB, FileLockedError
+from buntsession import DB, FileLockedError, StoreError
 from buntsession.engine.log import FileOps
 
 
@@ -88,6 +92,22 @@ async def main(path: str, mode: str, arg: str | None) -> None:
         async with DB(path, lock_timeout=float(arg or 0)):
             print("OPEN", flush=True)
             await anyio.to_thread.run_sync(sys.stdin.read)
+    elif mode == "fsize":
+        async with DB(path) as db:
+            await db.set("before", b"x" * 100)
+            size = os.path.getsize(path)
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a short write and EFBIG instead of death
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size + 60, hard))
+            for attempt in range(2):
+                try:
+                    await db.set(f"big{attempt}", b"y" * 500)
+                    print("ACCEPTED", flush=True)
+                except StoreError as exc:
+                    print(f"REFUSED {os.path.getsize(path) == size} {exc.__cause__!r}", flush=True)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # the space comes back
+            await db.set("after", b"z" * 100)
+            print("RESUMED", flush=True)
     elif mode == "try":
         try:
             async with DB(path):

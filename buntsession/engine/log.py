@@ -139,7 +139,7 @@ class AppendLog:
         except OSError as exc:
             raise AppendFailed(f"write to {self.path} failed: {exc}") from exc
         if n != len(data):
-            raise AppendFailed(f"short write to {self.path}: {n} of {len(data)} bytes")
+            raise AppendFailed(f"short write to {self.path}: {n} of {len(data)} bytes (out of space?)")
         self.end += n
         self.written += n
 
