@@ -1,0 +1,186 @@
+"""Loopback load: uvicorn (one worker) with buntsession, driven by wrk over 10,000 existing sessions.
+
+    .venv/bin/pip install -e '.[bench]'     # and Debian's wrk
+    .venv/bin/python benchmarks/load.py [--seconds 20] [--sessions 10000]
+
+For sync="everysec" and sync="always", and for a route that only reads the session and one that writes it,
+wrk runs with a Lua script that rotates the pre-created session cookies. Reported: req/s, p50/p99/max
+latency, errors (non-2xx and socket errors), and the longest event-loop stall a probe task inside the
+server saw (a 10 ms sleep that woke late). wrk measures from send to receive with a fixed number of
+connections, so a slow response delays the next request (coordinated omission): max and p99 understate
+what an open-loop load would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import anyio
+
+APP = '''
+import os, time, anyio
+from contextlib import asynccontextmanager
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+from buntsession import DB, BuntStore, SessionMiddleware
+
+stall = {"max": 0.0}
+
+async def probe():
+    while True:
+        started = time.perf_counter()
+        await anyio.sleep(0.01)
+        stall["max"] = max(stall["max"], time.perf_counter() - started - 0.01)
+
+@asynccontextmanager
+async def lifespan(app):
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(probe)
+        yield
+        tg.cancel_scope.cancel()
+
+async def read(request):
+    return PlainTextResponse(str(request.session.get_int("n")))
+
+async def write(request):
+    request.session.put_int("n", request.session.get_int("n") + 1)
+    return PlainTextResponse("ok")
+
+async def stalls(request):
+    worst, stall["max"] = stall["max"], 0.0
+    return JSONResponse(worst)
+
+inner = Starlette(routes=[Route("/read", read), Route("/write", write), Route("/stall", stalls)], lifespan=lifespan)
+store = BuntStore(DB(os.environ["LOAD_DB"], sync=os.environ["LOAD_SYNC"]))
+app = SessionMiddleware(inner, secret_key="load", store=store)
+'''
+
+LUA = '''
+local cookies = {}
+for line in io.lines("%s") do cookies[#cookies + 1] = line end
+local i = 0
+request = function()
+  i = i %% #cookies + 1
+  wrk.headers["Cookie"] = "session=" .. cookies[i]
+  return wrk.format(nil)
+end
+'''
+
+
+async def create_sessions(path: str, count: int) -> list[str]:
+    """Sessions as the middleware writes them, straight into the file; returns their signed cookies."""
+    from buntsession import DB, BuntStore
+    from buntsession.codec import Meta, encode_record, encode_value
+    from buntsession.middleware import _signer
+    from buntsession.session import new_token, store_key
+
+    signer = _signer("load")
+    assert signer is not None
+    cookies = []
+    now = time.time()
+    async with DB(path, sync="never") as db:
+        store = BuntStore(db)
+        for _ in range(count):
+            token = new_token()
+            meta = Meta(created=now, end=now + 14 * 24 * 3600)
+            await store.commit(store_key(token), encode_record(meta, {"n": encode_value(0)}), meta.end)
+            cookies.append(signer.sign(token).decode())
+    return cookies
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("uvicorn did not start")
+
+
+def parse(text: str) -> dict[str, float]:
+    def ms(label: str) -> float:
+        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", text)
+        assert match, text
+        return float(match[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match[2]]
+
+    latency = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", text)
+    assert latency, text
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    errors = (int(non2xx[1]) if non2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text)[1]),  # type: ignore[index]
+        "p50": ms("50%"), "p99": ms("99%"),
+        "max": float(latency[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[latency[2]],
+        "errors": errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian: apt-get install wrk)")
+    workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
+    try:
+        with open(os.path.join(workdir, "load_app.py"), "w") as f:
+            f.write(APP)
+        print(f"loopback load: uvicorn, 1 worker, {args.sessions:,} sessions, wrk -t1 -c{args.connections} "
+              f"-d{args.seconds}s; Python {sys.version.split()[0]}, {os.cpu_count()} cores")
+        print(f"  {'sync':<9}{'route':<7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}"
+              f"{'stall ms':>10}")
+        for sync in ("everysec", "always"):
+            db_path = os.path.join(workdir, f"load-{sync}.db")
+            cookies = anyio.run(create_sessions, db_path, args.sessions)
+            cookie_file = os.path.join(workdir, "cookies.txt")
+            with open(cookie_file, "w") as f:
+                f.write("\n".join(cookies) + "\n")
+            lua = os.path.join(workdir, "rotate.lua")
+            with open(lua, "w") as f:
+                f.write(LUA % cookie_file)
+            port = free_port()
+            env = {**os.environ, "LOAD_DB": db_path, "LOAD_SYNC": sync, "PYTHONPATH": workdir}
+            server = subprocess.Popen([sys.executable, "-m", "uvicorn", "load_app:app", "--port", str(port),
+                                       "--log-level", "warning", "--no-access-log"], env=env)
+            try:
+                wait_for(port)
+                for route in ("read", "write"):
+                    subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/stall"], capture_output=True, check=False)
+                    out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency",
+                                          "-s", lua, f"http://127.0.0.1:{port}/{route}"],
+                                         capture_output=True, text=True, check=True)
+                    stall = json.loads(subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/stall"],
+                                                      capture_output=True, text=True, check=True).stdout)
+                    r = parse(out.stdout)
+                    print(f"  {sync:<9}{route:<7}{r['rps']:9.0f}{r['p50']:9.2f}{r['p99']:9.2f}{r['max']:9.2f}"
+                          f"{r['errors']:8.0f}{stall * 1000:10.2f}")
+            finally:
+                server.send_signal(signal.SIGINT)
+                server.wait(timeout=30)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
