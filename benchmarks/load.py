@@ -99,6 +99,57 @@ async def create_sessions(path: str, count: int) -> list[str]:
     return cookies
 
 
+async def mass_expiry(count: int) -> None:
+    """`count` sessions expiring within one second, while a probe request runs every 10 ms."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from buntsession import DB, BuntStore, SessionMiddleware
+    from buntsession.codec import Meta, encode_record, encode_value
+    from buntsession.session import new_token, store_key
+
+    async def read(request: object) -> PlainTextResponse:
+        return PlainTextResponse(str(request.session.get_int("n")))  # type: ignore[attr-defined]
+
+    workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
+    db = DB(os.path.join(workdir, "expiry.db"))
+    store = BuntStore(db)
+    app = SessionMiddleware(Starlette(routes=[Route("/read", read)]), store=store)
+    try:
+        async with store:
+            now = time.time()
+            expires = now + 8 + count / 50_000  # after the writes below are done
+            for _ in range(count):
+                meta = Meta(created=now, end=expires + (_ % 1000) / 1000)
+                await store.commit(store_key(new_token()), encode_record(meta, {"n": encode_value(1)}), meta.end)
+            probe = new_token()
+            meta = Meta(created=now, end=now + 3600)
+            await store.commit(store_key(probe), encode_record(meta, {"n": encode_value(7)}), meta.end)
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                     "scheme": "http", "path": "/read", "raw_path": b"/read", "query_string": b"", "root_path": "",
+                     "headers": [(b"cookie", b"session=" + probe.encode())], "server": ("b", 80)}
+
+            async def receive() -> dict[str, object]:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: dict[str, object]) -> None:
+                if message["type"] == "http.response.body":
+                    assert message["body"] == b"7"
+
+            worst, probes = 0.0, 0
+            while len(db) > 1 or time.time() < expires + 1.5:
+                started = time.perf_counter()
+                await app(dict(scope), receive, send)
+                worst = max(worst, time.perf_counter() - started)
+                probes += 1
+                await anyio.sleep(0.01)
+            print(f"mass expiry: {count:,} sessions expired within one second; {probes} probe requests, "
+                  f"the slowest {worst * 1000:.2f} ms; longest cleanup batch {db._cleanup_max_hold * 1000:.2f} ms")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,7 +190,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--mass-expiry", type=int, default=200_000, metavar="N",
+                        help="sessions for the mass-expiry probe (0: skip it)")
     args = parser.parse_args()
+    if args.mass_expiry:
+        anyio.run(mass_expiry, args.mass_expiry)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
     workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
