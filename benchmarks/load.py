@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import anyio
+from common import free_port, parse_wrk, wait_for
 
 APP = '''
 import os, time, anyio
@@ -150,41 +149,6 @@ async def mass_expiry(count: int) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("uvicorn did not start")
-
-
-def parse(text: str) -> dict[str, float]:
-    def ms(label: str) -> float:
-        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", text)
-        assert match, text
-        return float(match[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match[2]]
-
-    latency = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", text)
-    assert latency, text
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    errors = (int(non2xx[1]) if non2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text)[1]),  # type: ignore[index]
-        "p50": ms("50%"), "p99": ms("99%"),
-        "max": float(latency[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[latency[2]],
-        "errors": errors,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=20)
@@ -227,7 +191,7 @@ def main() -> None:
                                          capture_output=True, text=True, check=True)
                     stall = json.loads(subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/stall"],
                                                       capture_output=True, text=True, check=True).stdout)
-                    r = parse(out.stdout)
+                    r = parse_wrk(out.stdout)
                     print(f"  {sync:<9}{route:<7}{r['rps']:9.0f}{r['p50']:9.2f}{r['p99']:9.2f}{r['max']:9.2f}"
                           f"{r['errors']:8.0f}{stall * 1000:10.2f}")
             finally:

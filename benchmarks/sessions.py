@@ -18,16 +18,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
+from common import free_port, parse_wrk, wait_for
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -175,12 +174,6 @@ async def in_process(requests: int, rounds: int) -> None:
         print(f"  buntsession adds {ratios}× what {other} adds (get/incr/put)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 APP_MODULE = '''
 import os, sys
 sys.path.insert(0, {bench_dir!r})
@@ -218,7 +211,8 @@ def through_uvicorn(seconds: int, rounds: int) -> None:
                                       f"http://127.0.0.1:{port}/incr"], capture_output=True, text=True, check=True)
                 server.send_signal(signal.SIGINT)
                 server.wait(timeout=30)
-                results[kind].append(parse_wrk(out.stdout))
+                report = parse_wrk(out.stdout)
+                results[kind].append((report["rps"], report["p50"], report["p99"]))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(module_dir, ignore_errors=True)
@@ -228,29 +222,6 @@ def through_uvicorn(seconds: int, rounds: int) -> None:
     for kind in CONTENDERS:
         rps, p50, p99 = (statistics.median(x[i] for x in results[kind]) for i in range(3))
         print(f"  {kind:<14}{rps:10.0f}{p50:10.2f}{p99:10.2f}")
-
-
-def wait_for(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("uvicorn did not start")
-
-
-def parse_wrk(text: str) -> tuple[float, float, float]:
-    def ms(label: str) -> float:
-        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", text)
-        assert match, text
-        scale: dict[str, Callable[[float], float]] = {"us": lambda v: v / 1000, "ms": lambda v: v,
-                                                      "s": lambda v: v * 1000}
-        return scale[match[2]](float(match[1]))
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    assert rps, text
-    return float(rps[1]), ms("50%"), ms("99%")
 
 
 if __name__ == "__main__":

@@ -84,15 +84,22 @@ class Progress:
             self.stream.flush()
 
 
-@contextmanager
-def mapped(path: str) -> Iterator[memoryview]:
-    """The file's bytes, read-only and mapped, without taking its lock."""
+def _open(path: str) -> int:
+    """A read-only descriptor of an existing file; ToolError(66) when there is none."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ToolError(EX_NOINPUT, f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ToolError(EX_NOINPUT, f"{path}: is a directory") from None
+    if not os.path.isfile(path):
+        os.close(fd)
+        raise ToolError(EX_NOINPUT, f"{path}: not a regular file")
+    return fd
+
+
+@contextmanager
+def mapped(path: str) -> Iterator[memoryview]:
+    """The file's bytes, read-only and mapped, without taking its lock."""
+    fd = _open(path)
     try:
         size = os.fstat(fd).st_size
         data: bytes | mmap.mmap = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
@@ -254,10 +261,8 @@ def shrink(path: str, out: IO[str]) -> int:
 
 @contextmanager
 def _locked(path: str) -> Iterator[None]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ToolError(EX_NOINPUT, f"{path}: no such file") from None
+    """Hold the file's lock, as a DB would: ToolError(75) when a running process holds it."""
+    fd = _open(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,6 +6,7 @@ import errno
 import os
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -121,3 +122,21 @@ def write_file(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
     os.chmod(path, 0o600)
+
+
+async def asgi_get(app: Any, headers: list[tuple[bytes, bytes]], path: str = "/") -> tuple[int, list[Any]]:
+    """Call an ASGI app directly with any header bytes (no client would send some of them); return the
+    response's status and headers."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "server": ("test", 80), "client": ("127.0.0.1", 1)}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], sent[0].get("headers", [])

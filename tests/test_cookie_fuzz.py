@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
 import anyio
+from helpers import asgi_get
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -46,20 +46,7 @@ headers = st.lists(st.lists(cookie, min_size=0, max_size=100).map(b"; ".join) | 
 
 
 async def call(raw_headers: list[bytes]) -> tuple[int, list[tuple[bytes, bytes]]]:
-    scope: dict[str, Any] = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-                             "scheme": "http", "path": "/", "raw_path": b"/", "query_string": b"", "root_path": "",
-                             "headers": [(b"cookie", value) for value in raw_headers], "server": ("t", 80)}
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    start = sent[0]
-    return start["status"], start.get("headers", [])
+    return await asgi_get(app, [(b"cookie", value) for value in raw_headers])
 
 
 async def call_all(requests: list[list[bytes]]) -> list[tuple[int, list[tuple[bytes, bytes]]]]:

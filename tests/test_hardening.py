@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import FaultyOps, read_state, record_offsets
+from helpers import FaultyOps, asgi_get, read_state, record_offsets
 from session_app import make_app
 from starlette.testclient import TestClient
 from test_cookie_fuzz import CountingStore
@@ -162,36 +162,17 @@ def test_a_tampered_stored_session_loads_fresh_with_a_warning(tmp_path: Path, ca
     assert any("could not be decoded" in r.getMessage() for r in caplog.records)
 
 
-def _scope(headers: list[tuple[bytes, bytes]], path: str = "/get") -> dict[str, Any]:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
-            "server": ("t", 80), "client": ("127.0.0.1", 1)}
-
-
-async def _call(app: Any, scope: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]]]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent[0]["status"], sent[0].get("headers", [])
-
-
 def test_twenty_thousand_anonymous_and_unknown_token_requests_store_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "d.db")
     store = BuntStore(DB(path))
     app = make_app(store)
 
     async def main() -> int:
-        await _call(app, _scope([]))  # opens the store
+        await asgi_get(app, [], "/get")  # opens the store
         size = os.path.getsize(path)
         for i in range(20_000):
             headers = [] if i % 2 else [(b"cookie", b"session=" + secrets.token_urlsafe(32).encode())]
-            status, response_headers = await _call(app, _scope(headers, "/get" if i % 3 else "/none"))
+            status, response_headers = await asgi_get(app, headers, "/get" if i % 3 else "/none")
             assert status == 200 and not any(name == b"set-cookie" for name, _ in response_headers)
         assert len(store.db) == 0
         return os.path.getsize(path) - size
@@ -220,7 +201,7 @@ def test_twenty_thousand_hostile_cookie_headers(tmp_path: Path) -> None:
     async def main() -> None:
         for _ in range(20_000):
             cookie = rng.choice(shapes)()
-            status, response_headers = await _call(app, _scope([(b"cookie", cookie)] * rng.randint(1, 2)))
+            status, response_headers = await asgi_get(app, [(b"cookie", cookie)] * rng.randint(1, 2), "/get")
             assert status == 200
             for name, value in response_headers:
                 assert name != b"set-cookie", value
@@ -240,7 +221,7 @@ def test_mass_expiry_does_not_stall_requests(tmp_path: Path) -> None:
     app = make_app(BuntStore(db), clock)
 
     async def main() -> tuple[float, int]:
-        await _call(app, _scope([]))
+        await asgi_get(app, [], "/get")
         value = b"v" * 100
         for i in range(200_000):
             await db.set(f"session:{i:064x}", value, expire_at=clock.now + 60 + (i % 1000) / 1000)
@@ -249,7 +230,7 @@ def test_mass_expiry_does_not_stall_requests(tmp_path: Path) -> None:
         worst = 0.0
         while len(db._data) > 0:
             started = time.perf_counter()
-            status, _ = await _call(app, _scope([], "/none"))
+            status, _ = await asgi_get(app, [], "/none")
             assert status == 200
             worst = max(worst, time.perf_counter() - started)
             await anyio.sleep(0.01)
