@@ -230,8 +230,8 @@ class SessionMiddleware:
         now = self._clock()
         meta = session._meta
         assert meta is not None
-        if meta.end <= now:
-            return Session()
+        if meta.end <= now or (expires is not None and expires <= now):
+            return Session()  # ended (the store's clock may lag ours): never served
         if self.idle_timeout is not None and self._rich is not None and expires is not None:
             deadline = min(meta.end, now + self.idle_timeout)
             if deadline - expires >= self.idle_timeout / 10:
