@@ -121,7 +121,20 @@ ROUTES = [
 ]
 
 
+REDIS_PORT: list[int] = []  # set by the store_kind fixture when a test runs on Redis
+
+
 def make_store(kind: str, path: str, clock: FakeClock | None = None, **db_options: Any) -> Store:
+    """A fresh store of `kind`. A Redis store keeps the server's clock; the middleware's injected clock
+    still decides what has ended, since it checks every session's end and store expiry itself."""
+    if kind == "redis":
+        import uuid
+
+        import redis.asyncio
+
+        from buntsession.redis import RedisStore
+
+        return RedisStore(redis.asyncio.Redis(port=REDIS_PORT[0]), prefix=f"test:{uuid.uuid4().hex}:")
     if kind == "memory":
         return MemoryStore(clock=clock) if clock else MemoryStore()
     db = DB(path, **db_options)

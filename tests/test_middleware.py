@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 from helpers import FakeClock, FaultyOps
-from session_app import late_errors, make_app, make_store
+from session_app import REDIS_PORT, late_errors, make_app, make_store
 from starlette.testclient import TestClient
 
 from buntsession import DB, BuntStore, MemoryStore, SessionMiddleware
@@ -23,9 +23,16 @@ from buntsession.session import store_key
 COOKIE = re.compile(r"session=([^;]*);")
 
 
-@pytest.fixture(params=["bunt", "memory"])
+@pytest.fixture(params=["bunt", "memory", "redis"])
 def store_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+    """Every test that takes it runs on each store: one suite, not a copy per store."""
+    kind = str(request.param)
+    if kind == "redis":
+        params = request.node.callspec.params
+        if "trio" in (params.get("anyio_backend"), params.get("backend")):
+            pytest.skip("redis.asyncio runs on asyncio only")
+        REDIS_PORT[:] = [request.getfixturevalue("redis_server").port]
+    return kind
 
 
 def token_of(response: httpx.Response) -> str:
@@ -35,7 +42,13 @@ def token_of(response: httpx.Response) -> str:
 
 
 def records(store: Any) -> int:
-    return len(store.db) if isinstance(store, BuntStore) else len(store)
+    if isinstance(store, BuntStore):
+        return len(store.db)
+    if isinstance(store, MemoryStore):
+        return len(store)
+    import redis
+
+    return len(redis.Redis(port=REDIS_PORT[0]).keys(store.prefix + "*"))
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

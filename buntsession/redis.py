@@ -1,0 +1,169 @@
+"""`RedisStore`: sessions on a Redis server, for apps served from several hosts (`buntsession[redis]`).
+
+    import redis.asyncio
+    from buntsession.redis import RedisStore
+
+    store = RedisStore(redis.asyncio.Redis(host="127.0.0.1"), prefix="session:")
+
+Each session is one hash: `m:c`, `m:e` and `m:r` hold its creation time, absolute end and remember-me
+choice, and `d:<key>` the encoded value of each of its keys. A merge runs as one Lua script that sets and
+deletes fields and sets the expiry (PEXPIREAT, so the absolute end is kept to the millisecond) without
+ever parsing a value; a commit for a session that is gone does nothing. The store works whether or not
+the client decodes responses, never closes the client it was given, and runs on asyncio (redis.asyncio
+does not run on trio). Every call gives up after `timeout` seconds with `StoreError`, so a slow or
+stopped server turns into a 503 rather than a hung request; the client reconnects by itself later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+import redis.asyncio
+import redis.exceptions
+
+from buntsession.codec import Meta, Update, decode_record, encode_record
+from buntsession.errors import StoreError
+
+__all__ = ["RedisStore"]
+
+_T = TypeVar("_T")
+
+# KEYS[1]: the session hash. ARGV: create, cleared, expiry (ms), number of put pairs, number of removed keys,
+# has meta, then [created, end, remember] when it has meta, then the put pairs, then the removed fields.
+_MERGE = """
+local key = KEYS[1]
+if ARGV[1] == "1" then
+  redis.call("DEL", key)
+elseif redis.call("EXISTS", key) == 0 then
+  return 0
+end
+local i = 7
+if ARGV[6] == "1" then
+  redis.call("HSET", key, "m:c", ARGV[i], "m:e", ARGV[i + 1], "m:r", ARGV[i + 2])
+  i = i + 3
+end
+if ARGV[2] == "1" then
+  for _, field in ipairs(redis.call("HKEYS", key)) do
+    if string.sub(field, 1, 2) == "d:" then redis.call("HDEL", key, field) end
+  end
+end
+for j = 1, tonumber(ARGV[4]) do
+  redis.call("HSET", key, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for j = 1, tonumber(ARGV[5]) do
+  redis.call("HDEL", key, ARGV[i])
+  i = i + 1
+end
+redis.call("PEXPIREAT", key, ARGV[3])
+return 1
+"""
+
+_REMEMBER = {None: "", True: "1", False: "0"}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ms(unix_time: float) -> int:
+    return math.ceil(unix_time * 1000)
+
+
+class RedisStore:
+    """A session store on Redis. See the module docstring."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str = "session:", timeout: float = 2.0) -> None:
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.client = client
+        self.prefix = prefix
+        self.timeout = timeout
+        self._merge = client.register_script(_MERGE)
+        self._loop: object = None
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.client!r}, prefix={self.prefix!r})"
+
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        """Bound the time of one call and turn the client's errors into StoreError."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # Connections belong to the event loop that opened them (Starlette's TestClient runs each
+            # request on a new loop): start afresh on a new one.
+            if self._loop is not None:
+                self.client.connection_pool.reset()  # type: ignore[no-untyped-call]
+            self._loop = loop
+        try:
+            with anyio.fail_after(self.timeout):
+                yield
+        except TimeoutError as exc:
+            raise StoreError(f"Redis did not answer within {self.timeout} s") from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StoreError(f"Redis failed: {exc}") from exc
+
+    async def _run(self, call: Awaitable[_T]) -> _T:
+        async with self._call():
+            return await call
+
+    async def find(self, key: str) -> bytes | None:
+        found = await self.find_with_expiry(key)
+        return None if found is None else found[0]
+
+    async def find_with_expiry(self, key: str) -> tuple[bytes, float] | None:
+        # One round trip; no MULTI: a key that expires between the two reads shows as absent either way.
+        async with self._call(), self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.prefix + key)
+            pipe.pexpiretime(self.prefix + key)
+            fields, expiry_ms = await pipe.execute()
+        if not fields or expiry_ms < 0:
+            return None
+        meta, values = _from_hash(fields)
+        if meta is None:
+            return None
+        return encode_record(meta, values), expiry_ms / 1000
+
+    async def commit(self, key: str, data: bytes, expires_at: float) -> None:
+        meta, values = decode_record(data)
+        await self.merge(key, Update(put=values, cleared=True, meta=meta, expires_at=expires_at, create=True))
+
+    async def delete(self, key: str) -> None:
+        await self._run(self.client.delete(self.prefix + key))
+
+    async def merge(self, key: str, update: Update) -> bool:
+        args: list[Any] = ["1" if update.create else "0", "1" if update.cleared else "0", _ms(update.expires_at),
+                           len(update.put), len(update.removed), "0" if update.meta is None else "1"]
+        if update.meta is not None:
+            args += [repr(update.meta.created), repr(update.meta.end), _REMEMBER[update.meta.remember]]
+        for name, text in update.put.items():
+            args += ["d:" + name, text]
+        args += ["d:" + name for name in update.removed]
+        return bool(await self._run(self._merge(keys=[self.prefix + key], args=args)))
+
+    async def touch(self, key: str, expires_at: float) -> bool:
+        return bool(await self._run(self.client.pexpireat(self.prefix + key, _ms(expires_at))))
+
+    async def sync(self) -> None:
+        """Durability is the Redis server's (its appendfsync setting): nothing to do here."""
+
+
+def _from_hash(fields: Mapping[Any, Any]) -> tuple[Meta | None, dict[str, str]]:
+    meta: dict[str, str] = {}
+    values: dict[str, str] = {}
+    for name, value in fields.items():
+        field, text = _text(name), _text(value)
+        if field.startswith("d:"):
+            values[field[2:]] = text
+        elif field.startswith("m:"):
+            meta[field[2:]] = text
+    try:
+        remember = {"": None, "1": True, "0": False}[meta["r"]]
+        return Meta(float(meta["c"]), float(meta["e"]), remember), values
+    except (KeyError, ValueError):
+        return None, values  # not a session this store wrote: treated as absent
