@@ -209,8 +209,8 @@ def test_bad_options_are_refused(db_path: str) -> None:
         DB(db_path, lock_timeout=-1)
     with pytest.raises(ValueError):
         DB(db_path, autoshrink_percentage=-5)
-    with pytest.raises(NotImplementedError, match="shared"):
-        DB(db_path, shared=True)
+    with pytest.raises(ValueError, match="shared"):
+        DB(":memory:", shared=True)
 
 
 def test_one_db_under_asyncio_then_trio_then_asyncio(db_path: str) -> None:

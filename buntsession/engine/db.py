@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal, NoReturn, get_args
@@ -28,7 +29,7 @@ import anyio
 import anyio.lowlevel
 
 from buntsession.engine import format as fmt
-from buntsession.engine.log import AppendFailed, AppendLog, FileOps
+from buntsession.engine.log import AppendFailed, AppendLog, FileOps, Superseded
 from buntsession.errors import FileLockedError, StoreError
 
 __all__ = ["DB", "Stats", "SyncPolicy"]
@@ -102,8 +103,6 @@ class DB:
         lock_timeout: float = 0.0,
         shared: bool = False,
     ) -> None:
-        if shared:
-            raise NotImplementedError("DB(shared=True) is not available yet: one process owns a data file")
         if sync not in get_args(SyncPolicy):
             raise ValueError(f"sync must be one of {get_args(SyncPolicy)}, not {sync!r}")
         _require_int("autoshrink_percentage", autoshrink_percentage)
@@ -117,6 +116,9 @@ class DB:
         self.cleanup_interval = _seconds(cleanup_interval, "cleanup_interval")
         self.lock_timeout = 0.0 if lock_timeout == 0 else _seconds(lock_timeout, "lock_timeout")
         self._memory = self.path == MEMORY
+        self.shared = bool(shared)
+        if self.shared and self._memory:
+            raise ValueError("a :memory: DB cannot be shared")
         self._abspath = self.path if self._memory else os.path.abspath(self.path)
 
         # Seams for tests: every file operation, and the wall clock that expiry is measured against.
@@ -144,6 +146,13 @@ class DB:
         self._closing = False
         self._cleanup_max_hold = 0.0  # longest hold of _lock by one cleanup batch, for tests and benchmarks
         self._cleanup_batches = 0
+
+    def __new__(cls, path: str | os.PathLike[str], *args: object, shared: bool = False, **kwargs: object) -> DB:
+        if shared and cls is DB:
+            from buntsession.engine.shared import SharedDB  # noqa: PLC0415  (shared imports this module)
+
+            return super().__new__(SharedDB)
+        return super().__new__(cls)
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -182,14 +191,10 @@ class DB:
             replayed: dict[str, Entry] = {}
             log = None
             if not self._memory:
-                log = AppendLog.open(self._abspath, self._fileops, self.lock_timeout, _replayer(replayed))
-            now = self._clock()
-            data = {key: entry for key, entry in replayed.items() if entry[1] is None or entry[1] > now}
-            del replayed
-            heap = [(exp, key) for key, (_, exp) in data.items() if exp is not None]
-            heapq.heapify(heap)
-            self._data, self._heap, self._log = data, heap, log
-            self._base_size = _live_size(data)
+                log = AppendLog.open(self._abspath, self._fileops, self.lock_timeout, _replayer(replayed),
+                                     self._shared_options())
+            self._install_index(replayed)
+            self._log = log
             self._failed, self._closing, self._shrinks = None, False, 0
             self._shrink_retry_at, self._shrink_backoff = 0.0, _SHRINK_RETRY_FIRST
             self._open = True
@@ -198,8 +203,26 @@ class DB:
             self._worker = _Maintenance(self)
             self._worker.start()
             if log is not None:
-                logger.info("opened %s: %d keys, %d bytes, in %.3f s", self._abspath, len(data), log.end,
+                logger.info("opened %s%s: %d keys, %d bytes, in %.3f s", self._abspath,
+                            " (shared)" if self.shared else "", len(self._data), log.end,
                             time.perf_counter() - started)
+
+    def _install_index(self, replayed: dict[str, Entry]) -> None:
+        """Make the replayed records the index: drop what has expired, build the expiry heap."""
+        now = self._clock()
+        data = {key: entry for key, entry in replayed.items() if entry[1] is None or entry[1] > now}
+        heap = [(exp, key) for key, (_, exp) in data.items() if exp is not None]
+        heapq.heapify(heap)
+        self._data, self._heap = data, heap
+        self._base_size = _live_size(data)
+
+    def _shared_options(self) -> str | None:
+        """What every process sharing the file must agree on (None: not shared)."""
+        return None
+
+    def _exclusive(self, final: bool) -> AbstractContextManager[object]:
+        """What a rewrite holds while it takes its snapshot and while it swaps the files."""
+        return self._lock
 
     def _close_blocking(self) -> None:
         with self._state_lock:
@@ -631,7 +654,7 @@ class DB:
 
     def _shrink_blocking(self, explicit: bool) -> None:
         with self._shrink_lock:
-            with self._lock:
+            with self._exclusive(final=False):
                 log = self._writable()
                 if log is None:
                     return
@@ -639,9 +662,9 @@ class DB:
                 keys = list(self._data)
             started = time.perf_counter()
             try:
-                size = log.rewrite(start, self._snapshot(keys), self._lock)
-            except _Aborted:
-                return
+                size = log.rewrite(start, self._snapshot(keys), self._exclusive(final=True))
+            except (_Aborted, Superseded):
+                return  # closing, or another sharer rewrote the file first (the next call reloads it)
             except OSError as exc:
                 if log.failed is not None:
                     self._fail(exc, "directory fsync after a rewrite")

@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 from buntsession.engine import format as fmt
 from buntsession.errors import CorruptFileError, FileLockedError, StoreError
@@ -23,6 +24,9 @@ logger = logging.getLogger("buntsession")
 
 REWRITE_SUFFIX = ".rewrite"
 """The temporary file of a rewrite sits beside the data file under this suffix; an open removes a leftover."""
+LOCK_SUFFIX = ".lock"
+"""In shared mode, the processes take turns to append by locking this file, which a rewrite never replaces;
+it also holds the options the sharers agreed on."""
 
 _COPY_CHUNK = 1 << 20
 
@@ -71,13 +75,16 @@ class FileOps:
         finally:
             os.close(fd)
 
-    def try_lock(self, fd: int) -> bool:
-        """Take the exclusive lock without waiting. False when someone else holds it."""
+    def try_lock(self, fd: int, shared: bool = False) -> bool:
+        """Take the exclusive (or shared) lock without waiting. False when another holder prevents it."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         return True
+
+    def unlock(self, fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
     def phase(self, name: str) -> None:
         """Called after each phase of a rewrite: snapshot, tail, fsync, rename, dirsync. Does nothing here."""
@@ -87,12 +94,19 @@ class AppendFailed(Exception):
     """An append did not complete. The caller must call `truncate_to_end` off the event loop."""
 
 
+class Superseded(Exception):
+    """Another process rewrote the shared file first: this rewrite gave up, and the file must be reloaded."""
+
+
 class AppendLog:
     """One open data file. The owner serialises `append`, `truncate_to_end` and the end of `rewrite`."""
 
-    def __init__(self, path: str, fd: int, end: int, ops: FileOps) -> None:
+    def __init__(self, path: str, fd: int, end: int, ops: FileOps, lock_fd: int | None = None) -> None:
         self.path = path
         self.fd = fd
+        self.inode = ops.fstat(fd).st_ino
+        self.lock_fd = lock_fd
+        """Shared mode: the descriptor of the lock file the sharers append under (None: one owner)."""
         self.end = end
         """Bytes of complete, acknowledged records in the current file."""
         self.written = 0
@@ -109,26 +123,40 @@ class AppendLog:
     # -- opening -----------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, ops: FileOps, lock_timeout: float, apply: fmt.Apply) -> AppendLog:
+    def open(
+        cls, path: str, ops: FileOps, lock_timeout: float, apply: fmt.Apply, shared_options: str | None = None
+    ) -> AppendLog:
         """Lock the file (creating it if absent) and replay its records through `apply`.
 
         Raises StoreError for a path that cannot hold a data file, FileLockedError when another owner
         holds it past `lock_timeout`, CorruptFileError for damage (the file is left as it was).
         A torn tail is cut off with a warning.
+
+        With `shared_options` the file is opened in shared mode: a shared lock on the data file (so no
+        exclusive owner can take it) and the sharers' append lock, held while the file loads; the options
+        must equal those of the processes already sharing it.
         """
         _check_path(path, ops)
-        fd, created = _open_locked(path, ops, lock_timeout)
+        lock_fd = None if shared_options is None else _take_append_lock(path, ops, lock_timeout)
         try:
-            size = ops.fstat(fd).st_size
-            _remove_leftover(path + REWRITE_SUFFIX, ops)
-            if created or size == 0:
-                end = _initialise(path, fd, ops, size)
-            else:
-                end = _load(path, fd, size, ops, apply)
+            fd, created = _open_locked(path, ops, lock_timeout, shared_options, lock_fd)
+            try:
+                size = ops.fstat(fd).st_size
+                _remove_leftover(path + REWRITE_SUFFIX, ops)
+                if created or size == 0:
+                    end = _initialise(path, fd, ops, size)
+                else:
+                    end = _load(path, fd, size, ops, apply)
+            except BaseException:
+                ops.close(fd)
+                raise
         except BaseException:
-            ops.close(fd)
+            if lock_fd is not None:
+                ops.close(lock_fd)
             raise
-        return cls(path, fd, end, ops)
+        if lock_fd is not None:
+            ops.unlock(lock_fd)
+        return cls(path, fd, end, ops, lock_fd)
 
     # -- writing -----------------------------------------------------------------------------------------
 
@@ -176,10 +204,79 @@ class AppendLog:
             fd, self.fd = self.fd, -1
             if fd >= 0:
                 self._ops.close(fd)
+            lock_fd, self.lock_fd = self.lock_fd, None
+            if lock_fd is not None:
+                self._ops.close(lock_fd)
+
+    # -- shared mode: other processes append too ---------------------------------------------------------
+
+    def try_append_lock(self) -> bool:
+        """Take the sharers' append lock without waiting (a non-blocking call, fine on the event loop)."""
+        assert self.lock_fd is not None
+        return self._ops.try_lock(self.lock_fd)
+
+    def append_lock(self) -> None:
+        """Take the sharers' append lock, waiting for it. Blocking."""
+        assert self.lock_fd is not None
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+
+    def append_unlock(self) -> None:
+        assert self.lock_fd is not None
+        self._ops.unlock(self.lock_fd)
+
+    def behind(self) -> bool:
+        """Whether another process appended to the file or replaced it since we last read it: one stat."""
+        try:
+            st = self._ops.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return st.st_ino != self.inode or st.st_size != self.end
+
+    def replaced(self) -> bool:
+        return not _same_file(self._ops.fstat(self.fd), self.path, self._ops)
+
+    def catch_up(self, apply: fmt.Apply) -> None:
+        """Apply the complete records other processes appended since our end. A record still being
+        written stops the catch-up before it (nothing is cut). Blocking; CorruptFileError for damage."""
+        size = self._ops.fstat(self.fd).st_size
+        if size <= self.end:
+            return
+        fresh = self._ops.pread(self.fd, size - self.end, self.end)
+        with memoryview(fresh) as view:
+            done, damage = fmt.replay(view, 0, apply)
+        if damage is not None and (damage.fatal or damage.next_valid is not None):
+            raise CorruptFileError(self.path, self.end + damage.offset, damage.reason)
+        self.end += done
+
+    def reopen(self, apply: fmt.Apply) -> None:
+        """Move to the file another process's rewrite put at the path, replaying it whole. Blocking."""
+        ops = self._ops
+        fd = ops.open(self.path, os.O_RDWR | os.O_APPEND)
+        try:
+            if not ops.try_lock(fd, shared=True):
+                raise FileLockedError(self.path, "an exclusive owner took the file over")
+            st = ops.fstat(fd)
+            data = ops.read_all(fd, st.st_size)
+            try:
+                with memoryview(data) as view:
+                    fmt.check_file_header(view)
+                    end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
+            finally:
+                if isinstance(data, mmap.mmap):
+                    data.close()
+            if damage is not None and (damage.fatal or damage.next_valid is not None):
+                raise CorruptFileError(self.path, damage.offset, damage.reason)
+        except BaseException:
+            ops.close(fd)
+            raise
+        with self.sync_lock:
+            old, self.fd, self.end, self.inode = self.fd, fd, end, st.st_ino
+            self.synced = self.written  # what we wrote is in the new file, which its writer fsynced
+            ops.close(old)
 
     # -- rewriting ---------------------------------------------------------------------------------------
 
-    def rewrite(self, start: int, snapshot: Iterable[bytes], write_lock: threading.Lock) -> int:
+    def rewrite(self, start: int, snapshot: Iterable[bytes], write_lock: AbstractContextManager[object]) -> int:
         """Replace the file with the header, the `snapshot` chunks, and the records appended after `start`.
 
         `start` is the end of the file when the snapshot was taken. The tail appended since then is copied
@@ -189,9 +286,13 @@ class AppendLog:
         """
         ops = self._ops
         tmp = self.path + REWRITE_SUFFIX
-        fd = ops.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        fd = ops.open(tmp, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        if not ops.try_lock(fd):  # a sharer is rewriting the file right now: leave it to them
+            ops.close(fd)
+            raise Superseded(self.path)
         renamed = False
         try:
+            ops.ftruncate(fd, 0)
             size = _write_all(ops, fd, fmt.encode_file_header())
             for chunk in snapshot:
                 size += _write_all(ops, fd, chunk)
@@ -201,17 +302,19 @@ class AppendLog:
             ops.fsync(fd)
             ops.phase("fsync")
             with write_lock, self.sync_lock:
+                if not _same_file(ops.fstat(self.fd), self.path, ops):
+                    raise Superseded(self.path)
                 if self.end > copied:
                     copied = self._copy(fd, copied, self.end)
                     ops.fsync(fd)
                 size += copied - start
-                if not ops.try_lock(fd):
+                if not ops.try_lock(fd, shared=self.lock_fd is not None):
                     raise OSError(errno.EAGAIN, "could not lock the rewritten file", tmp)
                 ops.replace(tmp, self.path)
                 renamed = True
                 # From here on the path names the new file: swap to it whatever happens next, or
                 # writes would go to a file that is no longer linked.
-                old, self.fd, self.end = self.fd, fd, size
+                old, self.fd, self.end, self.inode = self.fd, fd, size, ops.fstat(fd).st_ino
                 self.synced = self.written
                 ops.close(old)
                 ops.phase("rename")
@@ -280,11 +383,14 @@ def _check_regular(path: str, st: os.stat_result) -> None:
     raise StoreError(f"{path}: the path is {kind}, not a data file")
 
 
-def _open_locked(path: str, ops: FileOps, lock_timeout: float) -> tuple[int, bool]:
+def _open_locked(
+    path: str, ops: FileOps, lock_timeout: float, shared_options: str | None = None, lock_fd: int | None = None
+) -> tuple[int, bool]:
     """Open (or create) the file and take its lock, waiting up to `lock_timeout` seconds.
 
-    The lock is on the data file itself. A rewrite replaces the file under its owner's lock, so after
-    taking the lock we check that the path still names the file we locked, and start over if not.
+    The lock is on the data file itself: exclusive for one owner, shared for sharers. A rewrite replaces
+    the file under its owner's lock, so after taking the lock we check that the path still names the file
+    we locked, and start over if not.
     """
     deadline = time.monotonic() + lock_timeout
     while True:
@@ -302,10 +408,12 @@ def _open_locked(path: str, ops: FileOps, lock_timeout: float) -> tuple[int, boo
         try:
             _check_regular(path, ops.fstat(fd))
             os.set_blocking(fd, True)
-            while not ops.try_lock(fd):
+            while not _lock_data_file(path, fd, ops, shared_options, lock_fd):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise FileLockedError(path, "the data file is held by another owner (a process or a DB object)")
+                    who = ("an owner that opened it without shared=True" if shared_options is not None
+                           else "another owner (a process or a DB object)")
+                    raise FileLockedError(path, f"the data file is held by {who}")
                 time.sleep(min(0.05, remaining))
             if _same_file(ops.fstat(fd), path, ops):
                 return fd, created
@@ -313,6 +421,41 @@ def _open_locked(path: str, ops: FileOps, lock_timeout: float) -> tuple[int, boo
             ops.close(fd)
             raise
         ops.close(fd)  # replaced by its owner's rewrite while we waited: lock the new file instead
+
+
+def _lock_data_file(path: str, fd: int, ops: FileOps, shared_options: str | None, lock_fd: int | None) -> bool:
+    """One attempt at the data file's lock. A sharer (holding the append lock) that finds no other holder
+    records the options; one that joins others must have the same options."""
+    if shared_options is None:
+        return ops.try_lock(fd)
+    assert lock_fd is not None
+    if ops.try_lock(fd):  # alone: the first sharer sets the options, then shares the lock
+        ops.ftruncate(lock_fd, 0)
+        _write_all(ops, lock_fd, shared_options.encode())
+        return ops.try_lock(fd, shared=True)  # a conversion: an exclusive opener may slip in, then we retry
+    if not ops.try_lock(fd, shared=True):
+        return False
+    agreed = ops.pread(lock_fd, 1 << 16, 0).decode(errors="replace")
+    if agreed != shared_options:
+        ops.unlock(fd)
+        raise FileLockedError(path, f"it is shared with other options ({agreed}; these are {shared_options})")
+    return True
+
+
+def _take_append_lock(path: str, ops: FileOps, lock_timeout: float) -> int:
+    """Open the sharers' lock file and take its lock, which appenders hold only briefly."""
+    lock_path = path + LOCK_SUFFIX
+    try:
+        lock_fd = ops.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{lock_path}: cannot open the lock file: {exc.strerror}") from exc
+    deadline = time.monotonic() + max(lock_timeout, 5.0)
+    while not ops.try_lock(lock_fd):
+        if time.monotonic() >= deadline:
+            ops.close(lock_fd)
+            raise FileLockedError(path, "its sharers' append lock stayed held")
+        time.sleep(0.005)
+    return lock_fd
 
 
 def _same_file(st: os.stat_result, path: str, ops: FileOps) -> bool:
@@ -324,10 +467,17 @@ def _same_file(st: os.stat_result, path: str, ops: FileOps) -> bool:
 
 
 def _remove_leftover(path: str, ops: FileOps) -> None:
+    """Remove the temporary file of an interrupted rewrite, unless a live rewrite (a sharer's) holds it."""
     try:
-        ops.unlink(path)
+        fd = ops.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return
+    try:
+        if not ops.try_lock(fd):
+            return
+        ops.unlink(path)
+    finally:
+        ops.close(fd)
     logger.info("removed %s, left over from an interrupted rewrite", path)
 
 
