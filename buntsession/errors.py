@@ -30,8 +30,9 @@ class FileLockedError(Error):
     def __init__(self, path: str | os.PathLike[str], detail: str) -> None:
         self.path = os.fspath(path)
         super().__init__(
-            f"{self.path}: {detail}. One file has one owner; for several worker processes of one app, "
-            "open it with DB(path, shared=True) in every one of them"
+            f"{self.path}: {detail}. One file has one owner; for several worker processes of one app on one "
+            "host, open it with DB(path, shared=True) in every one of them (each process then holds every "
+            "session in memory and reads the others' writes before it reads), or use Redis across hosts"
         )
 
 

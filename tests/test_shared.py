@@ -109,3 +109,22 @@ async def test_sharing_is_all_or_nothing(db_path: str) -> None:
         pass
     async with DB(db_path):  # and once every sharer is gone, one owner may have it
         pass
+
+
+async def test_a_record_left_half_written_by_a_dead_sharer_is_cut_by_the_next_writer(
+    db_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from buntsession.engine import format as fmt
+
+    async with DB(db_path, shared=True) as a, DB(db_path, shared=True) as b:
+        await a.set("before", b"1")
+        half = fmt.encode_record(fmt.SET, b"dying", b"x" * 50, None)[:40]
+        with open(db_path, "ab") as f:  # a sharer killed in mid-write (its lock went with it)
+            f.write(half)
+        assert await b.get("before") == b"1"  # a reader leaves it: it might be a write in progress
+        assert Path(db_path).read_bytes().endswith(half)
+        await b.set("after", b"2")  # a writer holds the lock: nobody is writing, so it is debris
+        assert await a.get("after") == b"2"
+    record_offsets(Path(db_path).read_bytes())
+    assert await state_of(db_path) == {"before": b"1", "after": b"2"}
+    assert any("died writing" in r.getMessage() for r in caplog.records)

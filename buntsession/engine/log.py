@@ -235,9 +235,11 @@ class AppendLog:
     def replaced(self) -> bool:
         return not _same_file(self._ops.fstat(self.fd), self.path, self._ops)
 
-    def catch_up(self, apply: fmt.Apply) -> None:
-        """Apply the complete records other processes appended since our end. A record still being
-        written stops the catch-up before it (nothing is cut). Blocking; CorruptFileError for damage."""
+    def catch_up(self, apply: fmt.Apply, holding_append_lock: bool) -> None:
+        """Apply the complete records other processes appended since our end. Blocking; CorruptFileError
+        for damage. An incomplete record at the end is one being written, and stops the catch-up before
+        it; but to a caller holding the append lock no one is writing: it is what a killed writer left,
+        and it is cut off, as an open would cut a torn tail."""
         size = self._ops.fstat(self.fd).st_size
         if size <= self.end:
             return
@@ -247,9 +249,17 @@ class AppendLog:
         if damage is not None and (damage.fatal or damage.next_valid is not None):
             raise CorruptFileError(self.path, self.end + damage.offset, damage.reason)
         self.end += done
+        if damage is not None and holding_append_lock:
+            self._cut_tail(size)
 
-    def reopen(self, apply: fmt.Apply) -> None:
-        """Move to the file another process's rewrite put at the path, replaying it whole. Blocking."""
+    def _cut_tail(self, size: int) -> None:
+        logger.warning("%s: torn tail at byte offset %d, left by a process that died writing: dropping %d bytes",
+                       self.path, self.end, size - self.end)
+        self._ops.ftruncate(self.fd, self.end)
+
+    def reopen(self, apply: fmt.Apply, holding_append_lock: bool) -> None:
+        """Move to the file another process's rewrite put at the path, replaying it whole. Blocking. An
+        incomplete record at its end is treated as `catch_up` treats one."""
         ops = self._ops
         fd = ops.open(self.path, os.O_RDWR | os.O_APPEND)
         try:
@@ -273,6 +283,8 @@ class AppendLog:
             old, self.fd, self.end, self.inode = self.fd, fd, end, st.st_ino
             self.synced = self.written  # what we wrote is in the new file, which its writer fsynced
             ops.close(old)
+        if damage is not None and holding_append_lock:
+            self._cut_tail(st.st_size)
 
     # -- rewriting ---------------------------------------------------------------------------------------
 

@@ -47,11 +47,11 @@ class SharedDB(DB):
         if log is not None and log.behind():  # one stat on the event loop; the reading happens in a thread
             await anyio.to_thread.run_sync(self._refresh_blocking)
 
-    def _refresh_blocking(self) -> None:
+    def _refresh_blocking(self, holding_append_lock: bool = False) -> None:
         with self._lock:
-            self._refresh_locked(allow_reload=True)
+            self._refresh_locked(allow_reload=True, holding_append_lock=holding_append_lock)
 
-    def _refresh_locked(self, allow_reload: bool) -> None:
+    def _refresh_locked(self, allow_reload: bool, holding_append_lock: bool) -> None:
         log = self._log
         if log is None:
             return
@@ -59,10 +59,10 @@ class SharedDB(DB):
             if not allow_reload:
                 raise Superseded(log.path)
             replayed: dict[str, Entry] = {}
-            log.reopen(_replayer(replayed))
+            log.reopen(_replayer(replayed), holding_append_lock)
             self._install_index(replayed)
         else:
-            log.catch_up(self._apply_record)
+            log.catch_up(self._apply_record, holding_append_lock)
 
     def _apply_record(self, rtype: int, key: str, value: bytes, expire_at: float | None) -> None:
         """Apply another process's record to the index, as the write that made it did."""
@@ -89,7 +89,7 @@ class SharedDB(DB):
             delay = min(delay * 2, 0.005)
         try:
             if log.behind():
-                await anyio.to_thread.run_sync(self._refresh_blocking)
+                await anyio.to_thread.run_sync(self._refresh_blocking, True)
             yield
         finally:
             log.append_unlock()
@@ -112,7 +112,7 @@ class SharedDB(DB):
             locked.append_lock()
             try:
                 with self._lock:
-                    self._refresh_locked(allow_reload=not final)
+                    self._refresh_locked(allow_reload=not final, holding_append_lock=True)
                     yield
             finally:
                 locked.append_unlock()
