@@ -61,7 +61,8 @@ async def stalls(request):
     return JSONResponse(worst)
 
 inner = Starlette(routes=[Route("/read", read), Route("/write", write), Route("/stall", stalls)], lifespan=lifespan)
-store = BuntStore(DB(os.environ["LOAD_DB"], sync=os.environ["LOAD_SYNC"]))
+store = BuntStore(DB(os.environ["LOAD_DB"], sync=os.environ["LOAD_SYNC"],
+                     shared=os.environ.get("LOAD_SHARED") == "1"))
 app = SessionMiddleware(inner, secret_key="load", store=store)
 '''
 
