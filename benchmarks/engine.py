@@ -64,7 +64,7 @@ async def timed(n: int, body: Callable[[], Awaitable[None]]) -> float:
 # -- set and get ------------------------------------------------------------------------------------------
 
 
-async def bench_set_get(workdir: str, n: int, rounds: int) -> None:
+async def bench_set_get(workdir: str, n: int, rounds: int) -> dict[str, list[Series]]:
     keys = session_keys(n)
     value = os.urandom(VALUE_SIZE)
     record = fmt.encode_record(fmt.SET, keys[0].encode(), value, time.time() + TTL)
@@ -143,12 +143,13 @@ async def bench_set_get(workdir: str, n: int, rounds: int) -> None:
     print(f"\nget: {n:,} hits; {rounds} rounds")
     for s in (dict_get, db_get, lite_get):
         print(s.line(None if s is dict_get else dict_get))
+    return {"set": [raw, db_set, db_set_never, lite], "get": [dict_get, db_get, lite_get]}
 
 
 # -- group commit -----------------------------------------------------------------------------------------
 
 
-async def bench_group_commit(workdir: str, writers: int, per_writer: int, rounds: int) -> None:
+async def bench_group_commit(workdir: str, writers: int, per_writer: int, rounds: int) -> list[Series]:
     value = os.urandom(VALUE_SIZE)
     total = writers * per_writer
     record = fmt.encode_record(fmt.SET, session_keys(1)[0].encode(), value, time.time() + TTL)
@@ -184,6 +185,7 @@ async def bench_group_commit(workdir: str, writers: int, per_writer: int, rounds
     print(grouped.line(one_by_one))
     print(f"  throughput gain: {one_by_one.median / grouped.median:.1f}×; "
           f"writes per fsync: {total / statistics.median(fsyncs):.1f}")
+    return [one_by_one, grouped]
 
 
 # -- cold open --------------------------------------------------------------------------------------------

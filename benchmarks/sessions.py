@@ -136,7 +136,8 @@ async def lifespan(app: Any, event: str) -> None:
         tg.cancel_scope.cancel()
 
 
-async def in_process(requests: int, rounds: int) -> None:
+async def in_process(requests: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per contender and route, the seconds per request of each round (also printed)."""
     workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
     paths = ("get", "incr", "put")
     results: dict[str, dict[str, list[float]]] = {k: {p: [] for p in paths} for k in CONTENDERS}
@@ -172,6 +173,7 @@ async def in_process(requests: int, rounds: int) -> None:
     for other in ("starlette", "starsessions"):
         ratios = " / ".join(f"{added['buntsession'][p] / added[other][p]:.2f}" for p in ("get", "incr", "put"))
         print(f"  buntsession adds {ratios}× what {other} adds (get/incr/put)")
+    return results
 
 
 APP_MODULE = '''

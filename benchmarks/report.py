@@ -1,0 +1,147 @@
+"""The benchmark report: engine and HTTP comparisons in one run, written to docs/ and the README.
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python benchmarks/report.py            # a few minutes; --quick for a smoke run
+
+Writes docs/benchmarks.md (tables: medians, min-max over rounds, ratios; the machine and the package
+versions), docs/benchmarks.png (the chart), and the headline ratios between the `benchmarks` markers in
+README.md. Every figure in those files comes from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import re
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from engine import Series, bench_group_commit, bench_set_get
+from sessions import CONTENDERS, in_process
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PATHS = ("get", "incr", "put")
+LABELS = {"bare": "no middleware", "starlette": "Starlette SessionMiddleware (cookie)",
+          "starsessions": "starsessions, InMemoryStore", "buntsession": "buntsession, BuntStore (file)"}
+
+
+def versions() -> str:
+    packages = ["buntsession", "starlette", "anyio", "itsdangerous", "starsessions"]
+    found = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in packages)
+    return (f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores, "
+            f"{platform.system()} {platform.release()}; sqlite {sqlite3.sqlite_version}; {found}")
+
+
+def series_table(rows: list[Series], base: Series) -> list[str]:
+    lines = ["| measurement | median µs | min-max µs | ratio |", "|---|---|---|---|"]
+    for s in rows:
+        ratio = "base" if s is base else f"{s.median / base.median:.2f}×"
+        lines.append(f"| {s.name} | {s.median * 1e6:.3f} | {min(s.samples) * 1e6:.3f}-{max(s.samples) * 1e6:.3f} "
+                     f"| {ratio} |")
+    return lines
+
+
+async def measure(quick: bool) -> tuple[dict[str, list[Series]], list[Series], dict[str, dict[str, list[float]]]]:
+    with tempfile.TemporaryDirectory(dir=".", prefix=".bench-") as workdir:
+        engine = await bench_set_get(workdir, 5_000 if quick else 50_000, 3 if quick else 7)
+        group = await bench_group_commit(workdir, 64, 5 if quick else 20, 3 if quick else 5)
+    http = await in_process(500 if quick else 3000, 3 if quick else 7)
+    return engine, group, http
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a report")
+    quick = parser.parse_args().quick
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    engine, group, http = anyio.run(measure, quick)
+
+    med = {k: {p: statistics.median(v) for p, v in routes.items()} for k, routes in http.items()}
+    added = {k: {p: med[k][p] - med["bare"][p] for p in PATHS} for k in CONTENDERS}
+    set_raw, set_db, _, set_lite = engine["set"]
+    get_dict, get_db, _ = engine["get"]
+    fsync_each, grouped = group
+    headline = [
+        f"- a request that reads the session: buntsession adds {added['buntsession']['get'] * 1e6:.1f} µs, "
+        f"{added['buntsession']['get'] / added['starlette']['get']:.2f}× what Starlette's cookie middleware adds "
+        f"and {added['buntsession']['get'] / added['starsessions']['get']:.2f}× what starsessions adds;",
+        f"- a request that writes it: {added['buntsession']['incr'] * 1e6:.1f} µs, "
+        f"{added['buntsession']['incr'] / added['starlette']['incr']:.2f}× Starlette's and "
+        f"{added['buntsession']['incr'] / added['starsessions']['incr']:.2f}× starsessions' (and durable);",
+        f"- `DB.set` {set_db.median * 1e6:.2f} µs = {set_db.median / set_raw.median:.2f}× one raw `os.write` of its "
+        f"record, {set_lite.median / set_db.median:.1f}× faster than sqlite3; `DB.get` "
+        f"{get_db.median / get_dict.median:.2f}× a dict lookup; group commit "
+        f"{fsync_each.median / grouped.median:.1f}× one fsync per write.",
+    ]
+
+    lines = [
+        "# Benchmarks", "",
+        f"Produced by `benchmarks/report.py` on {started}{' (--quick: a smoke run)' if quick else ''}.",
+        f"Machine: {versions()}.", "",
+        "Medians over interleaved rounds in one run; min-max is the spread of the rounds. The machine is shared",
+        "and noisy: read the ratios, not the absolute times.", "",
+        "## Headline", "", *headline, "",
+        "## Time each session middleware adds to a request", "",
+        "A Starlette app called in-process with `secret_key` set; `get` reads the session, `incr` reads and",
+        "writes it, `put` writes it.", "",
+        "| middleware | route | median µs | min-max µs | added over none |", "|---|---|---|---|---|",
+    ]
+    for kind in CONTENDERS:
+        for path in PATHS:
+            samples = http[kind][path]
+            extra = "" if kind == "bare" else f"{added[kind][path] * 1e6:.1f}"
+            lines.append(f"| {LABELS[kind]} | {path} | {med[kind][path] * 1e6:.1f} | "
+                         f"{min(samples) * 1e6:.1f}-{max(samples) * 1e6:.1f} | {extra} |")
+    lines += ["", "## The engine against its floors and sqlite3", "", "### set (200-byte value with a TTL)", "",
+              *series_table(engine["set"], set_raw), "", "### get", "", *series_table(engine["get"], get_dict), "",
+              "### group commit (sync=\"always\", 64 concurrent writers)", "", *series_table(group, fsync_each), "",
+              "![chart](benchmarks.png)", ""]
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "benchmarks.md").write_text("\n".join(lines))
+    chart(added, engine)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = ("<!-- benchmarks:start -->\n" + "\n".join(headline) +
+             f"\n\n![benchmarks](docs/benchmarks.png)\n\nFrom `benchmarks/report.py`, {started}; the tables are in "
+             "[docs/benchmarks.md](docs/benchmarks.md).\n<!-- benchmarks:end -->")
+    readme.write_text(re.sub(r"<!-- benchmarks:start -->.*?<!-- benchmarks:end -->", lambda _: block, text,
+                             flags=re.S))
+    print(f"wrote {DOCS / 'benchmarks.md'}, {DOCS / 'benchmarks.png'} and the README's headline", file=sys.stderr)
+
+
+def chart(added: dict[str, dict[str, float]], engine: dict[str, list[Series]]) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    kinds = [k for k in CONTENDERS if k != "bare"]
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        left.bar([j + i * width for j in range(len(PATHS))], [added[kind][p] * 1e6 for p in PATHS], width,
+                 label=LABELS[kind])
+    left.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(PATHS))], PATHS)
+    left.set_ylabel("µs added per request (median)")
+    left.set_title("What each session middleware adds")
+    left.legend(fontsize=8)
+    rows = [*engine["set"], *engine["get"]]
+    right.barh([s.name for s in rows], [s.median * 1e6 for s in rows])
+    right.set_xscale("log")
+    right.set_xlabel("µs per operation (median, log scale)")
+    right.set_title("Engine operations, floors and sqlite3")
+    right.tick_params(axis="y", labelsize=7)
+    right.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(DOCS / "benchmarks.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
