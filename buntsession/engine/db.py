@@ -237,9 +237,9 @@ class DB:
             self._users -= 1
             if self._users:
                 return
-            self._release(sync=True)
+            self._release()
 
-    def _release(self, *, sync: bool) -> None:
+    def _release(self) -> None:
         self._closing = True  # a rewrite in progress gives up at its next chunk
         worker, self._worker = self._worker, None
         if worker is not None:
@@ -252,7 +252,7 @@ class DB:
         if log is None:
             return
         error: OSError | None = None
-        if sync and self._failed is None:
+        if self._failed is None:
             try:
                 log.sync_to(log.written)
             except OSError as exc:

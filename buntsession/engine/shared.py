@@ -6,6 +6,9 @@ first catches up on the records the others appended, then appends its own. A rea
 one stat, whether the file grew or was replaced, and if so catches up (or reloads the rewritten file)
 in a worker thread. A rewrite is done by whichever process decides to, under the append lock; the
 others notice the new file and reload it. Every sharer must open the file with the same options.
+
+The synchronous `len(db)` and `db.stats()` show what this process has read so far: the next async call
+catches up.
 """
 
 from __future__ import annotations
