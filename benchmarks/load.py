@@ -99,6 +99,18 @@ async def create_sessions(path: str, count: int) -> list[str]:
     return cookies
 
 
+def prepare(workdir: str, db_path: str, sessions: int) -> str:
+    """Create `sessions` sessions in `db_path`; return the path of a wrk script that rotates their cookies."""
+    cookies = anyio.run(create_sessions, db_path, sessions)
+    cookie_file = os.path.join(workdir, "cookies.txt")
+    with open(cookie_file, "w") as f:
+        f.write("\n".join(cookies) + "\n")
+    lua = os.path.join(workdir, "rotate.lua")
+    with open(lua, "w") as f:
+        f.write(LUA % cookie_file)
+    return lua
+
+
 async def mass_expiry(count: int) -> None:
     """`count` sessions expiring within one second, while a probe request runs every 10 ms."""
     from starlette.applications import Starlette
@@ -172,13 +184,7 @@ def main() -> None:
               f"{'stall ms':>10}")
         for sync in ("everysec", "always"):
             db_path = os.path.join(workdir, f"load-{sync}.db")
-            cookies = anyio.run(create_sessions, db_path, args.sessions)
-            cookie_file = os.path.join(workdir, "cookies.txt")
-            with open(cookie_file, "w") as f:
-                f.write("\n".join(cookies) + "\n")
-            lua = os.path.join(workdir, "rotate.lua")
-            with open(lua, "w") as f:
-                f.write(LUA % cookie_file)
+            lua = prepare(workdir, db_path, args.sessions)
             port = free_port()
             env = {**os.environ, "LOAD_DB": db_path, "LOAD_SYNC": sync, "PYTHONPATH": workdir}
             server = subprocess.Popen([sys.executable, "-m", "uvicorn", "load_app:app", "--port", str(port),

@@ -22,9 +22,8 @@ import subprocess
 import sys
 import tempfile
 
-import anyio
 from common import free_port, parse_wrk, wait_for
-from load import APP, LUA, create_sessions
+from load import APP, prepare
 
 CONTENDERS = [("1 process, exclusive", 1, False), ("1 worker, shared", 1, True), ("2 workers, shared", 2, True)]
 
@@ -46,13 +45,7 @@ def main() -> None:
                 for leftover in (db_path, db_path + ".lock"):
                     if os.path.exists(leftover):
                         os.unlink(leftover)
-                cookies = anyio.run(create_sessions, db_path, args.sessions)
-                cookie_file = os.path.join(workdir, "cookies.txt")
-                with open(cookie_file, "w") as f:
-                    f.write("\n".join(cookies) + "\n")
-                lua = os.path.join(workdir, "rotate.lua")
-                with open(lua, "w") as f:
-                    f.write(LUA % cookie_file)
+                lua = prepare(workdir, db_path, args.sessions)
                 env = {**os.environ, "LOAD_DB": db_path, "LOAD_SYNC": "everysec",
                        "LOAD_SHARED": "1" if shared else "0", "PYTHONPATH": workdir}
                 ports = [free_port() for _ in range(workers)]
