@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,7 @@ async def soak(minutes: float) -> None:
     checked = subprocess.run([sys.executable, "-m", "buntsession", "check", path], capture_output=True,
                              text=True, check=False).stdout.strip()
     print(f"  check: {checked.splitlines()[-1] if checked else '?'}")
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 if __name__ == "__main__":
