@@ -404,24 +404,16 @@ class DB:
         An exception from `change` propagates and nothing is written.
         """
         kb = _key_bytes(key)
-        if not self._lock.acquire(False):
-            await self._wait_for_lock()
-        try:
-            log = self._writable()
-            entry = self._live(key)
+
+        def plan(entry: Entry | None) -> tuple[bytes, Entry | None] | None:
             new = change(None if entry is None else entry[0])
             if new is None:
-                return False
+                return None
             value = new[0] if type(new[0]) is bytes else _value_bytes(new[0])
             expire_at = None if new[1] is None else _unix_time(new[1])
-            if log is not None:
-                await self._append(log, fmt.encode_record(fmt.SET, kb, value, expire_at))
-            self._put(key, (value, expire_at))
-        finally:
-            self._lock.release()
-        if self._always and log is not None:
-            await self._sync_to(log, log.written)
-        return True
+            return fmt.encode_record(fmt.SET, kb, value, expire_at), (value, expire_at)
+
+        return await self._write(key, plan)
 
     async def expire(self, key: str, ttl: float | None, *, expire_at: float | None = None) -> bool:
         """Change only the expiry of `key`: `ttl` seconds from now, or the unix time `expire_at`, or (both
@@ -433,34 +425,37 @@ class DB:
             expire_at = self._expire_at(ttl)
         elif expire_at is not None:
             expire_at = _unix_time(expire_at)
-        if not self._lock.acquire(False):
-            await self._wait_for_lock()
-        try:
-            log = self._writable()
-            entry = self._live(key)
+
+        def plan(entry: Entry | None) -> tuple[bytes, Entry | None] | None:
             if entry is None:
-                return False
-            if log is not None:
-                await self._append(log, fmt.encode_record(fmt.EXPIRE, kb, b"", expire_at))
-            self._put(key, (entry[0], expire_at))
-        finally:
-            self._lock.release()
-        if self._always and log is not None:
-            await self._sync_to(log, log.written)
-        return True
+                return None
+            return fmt.encode_record(fmt.EXPIRE, kb, b"", expire_at), (entry[0], expire_at)
+
+        return await self._write(key, plan)
 
     async def delete(self, key: str) -> bool:
         """Remove `key`. True if it existed; an expired key does not, and nothing is written for it."""
         kb = _key_bytes(key)
+        return await self._write(key, lambda entry: None if entry is None else
+                                 (fmt.encode_record(fmt.DEL, kb, b"", None), None))
+
+    async def _write(self, key: str, plan: Callable[[Entry | None], tuple[bytes, Entry | None] | None]) -> bool:
+        """Under the write lock: `plan` gets the key's live entry and returns the record to append and the
+        entry to install (None deletes the key), or None to write nothing. Returns whether it wrote."""
         if not self._lock.acquire(False):
             await self._wait_for_lock()
         try:
             log = self._writable()
-            if self._live(key) is None:
+            step = plan(self._live(key))
+            if step is None:
                 return False
+            record, entry = step
             if log is not None:
-                await self._append(log, fmt.encode_record(fmt.DEL, kb, b"", None))
-            del self._data[key]
+                await self._append(log, record)
+            if entry is None:
+                del self._data[key]
+            else:
+                self._put(key, entry)
         finally:
             self._lock.release()
         if self._always and log is not None:
