@@ -128,3 +128,29 @@ async def test_a_record_left_half_written_by_a_dead_sharer_is_cut_by_the_next_wr
     record_offsets(Path(db_path).read_bytes())
     assert await state_of(db_path) == {"before": b"1", "after": b"2"}
     assert any("died writing" in r.getMessage() for r in caplog.records)
+
+
+async def test_rewrites_racing_reads_and_writes_keep_every_acknowledged_write(db_path: str) -> None:
+    async with DB(db_path, shared=True) as a, DB(db_path, shared=True) as b:
+        acknowledged = {"a": 0, "b": 0}
+
+        def increment(old: bytes | None) -> tuple[bytes, float | None]:
+            return str(int(old or b"0") + 1).encode(), None
+
+        async def writer(db: DB, other: DB, name: str) -> None:
+            for _ in range(250):
+                await db.update(name, increment)
+                acknowledged[name] += 1
+                assert await other.get(name) == str(acknowledged[name]).encode()  # read through the other
+
+        async def shrinker(db: DB) -> None:
+            for _ in range(60):
+                await db.shrink()
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer, a, b, "a")
+            tg.start_soon(writer, b, a, "b")
+            tg.start_soon(shrinker, a)
+            tg.start_soon(shrinker, b)
+    assert await state_of(db_path) == {"a": b"250", "b": b"250"}

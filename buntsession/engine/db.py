@@ -649,15 +649,19 @@ class DB:
 
     def _shrink_blocking(self, explicit: bool) -> None:
         with self._shrink_lock:
-            with self._exclusive(final=False):
-                log = self._writable()
-                if log is None:
-                    return
-                start = log.end
-                keys = list(self._data)
+            log = self._writable()
+            if log is None:
+                return
+
+            def take_snapshot() -> tuple[int, Iterator[bytes]]:
+                with self._exclusive(final=False):
+                    self._writable()
+                    return log.end, self._snapshot(list(self._data))
+
+            start = log.end
             started = time.perf_counter()
             try:
-                size = log.rewrite(start, self._snapshot(keys), self._exclusive(final=True))
+                size = log.rewrite(take_snapshot, self._exclusive(final=True))
             except (_Aborted, Superseded):
                 return  # closing, or another sharer rewrote the file first (the next call reloads it)
             except OSError as exc:

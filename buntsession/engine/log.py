@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 
 from buntsession.engine import format as fmt
@@ -257,9 +257,13 @@ class AppendLog:
                        self.path, self.end, size - self.end)
         self._ops.ftruncate(self.fd, self.end)
 
-    def reopen(self, apply: fmt.Apply, holding_append_lock: bool) -> None:
+    def reopen(self, apply: fmt.Apply, install: Callable[[], None], holding_append_lock: bool) -> None:
         """Move to the file another process's rewrite put at the path, replaying it whole. Blocking. An
-        incomplete record at its end is treated as `catch_up` treats one."""
+        incomplete record at its end is treated as `catch_up` treats one.
+
+        `install` runs between the replay and the move: readers that do not lock see the new position
+        only once the index built from it is in place, or they would take a stale index for a fresh one.
+        """
         ops = self._ops
         fd = ops.open(self.path, os.O_RDWR | os.O_APPEND)
         try:
@@ -276,6 +280,7 @@ class AppendLog:
                     data.close()
             if damage is not None and (damage.fatal or damage.next_valid is not None):
                 raise CorruptFileError(self.path, damage.offset, damage.reason)
+            install()
         except BaseException:
             ops.close(fd)
             raise
@@ -288,13 +293,17 @@ class AppendLog:
 
     # -- rewriting ---------------------------------------------------------------------------------------
 
-    def rewrite(self, start: int, snapshot: Iterable[bytes], write_lock: AbstractContextManager[object]) -> int:
-        """Replace the file with the header, the `snapshot` chunks, and the records appended after `start`.
+    def rewrite(
+        self, take_snapshot: Callable[[], tuple[int, Iterable[bytes]]], write_lock: AbstractContextManager[object]
+    ) -> int:
+        """Replace the file with the header, a snapshot of the live set, and the records appended since.
 
-        `start` is the end of the file when the snapshot was taken. The tail appended since then is copied
-        without `write_lock` first, then the rest under it, so writers wait only for the last few bytes,
-        an fsync, the rename and the directory fsync. A crash at any point leaves the whole old or the
-        whole new file at the path. Returns the new size. Blocking; raises OSError.
+        `take_snapshot` returns the end of the file when it took the snapshot and the snapshot's chunks;
+        it is called once this rewrite holds the temporary file's lock, so no other process can replace
+        the file until this rewrite is done. The tail appended since the snapshot is copied without
+        `write_lock` first, then the rest under it, so writers wait only for the last few bytes, an fsync,
+        the rename and the directory fsync. A crash at any point leaves the whole old or the whole new file
+        at the path. Returns the new size. Blocking; raises OSError.
         """
         ops = self._ops
         tmp = self.path + REWRITE_SUFFIX
@@ -305,6 +314,7 @@ class AppendLog:
         renamed = False
         try:
             ops.ftruncate(fd, 0)
+            start, snapshot = take_snapshot()
             size = _write_all(ops, fd, fmt.encode_file_header())
             for chunk in snapshot:
                 size += _write_all(ops, fd, chunk)

@@ -62,8 +62,7 @@ class SharedDB(DB):
             if not allow_reload:
                 raise Superseded(log.path)
             replayed: dict[str, Entry] = {}
-            log.reopen(_replayer(replayed), holding_append_lock)
-            self._install_index(replayed)
+            log.reopen(_replayer(replayed), lambda: self._install_index(replayed), holding_append_lock)
         else:
             log.catch_up(self._apply_record, holding_append_lock)
 
