@@ -4,6 +4,7 @@ worker, no live worker answers 5xx, and the file checks clean."""
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import re
@@ -53,6 +54,7 @@ def test_four_workers_share_one_file_under_load(tmp_path: Path) -> None:
     ports = [port for _, port in workers]
     dead: set[int] = set()
     expected: dict[str, int] = {}
+    unanswered: collections.Counter[str] = collections.Counter()
     errors: list[str] = []
     counts = {"writes": 0, "cross_reads": 0}
 
@@ -64,6 +66,7 @@ def test_four_workers_share_one_file_under_load(tmp_path: Path) -> None:
                 live = [p for p in ports if p not in dead]
                 port = rng.choice(live)
                 url = f"http://127.0.0.1:{port}"
+                op, cookie = "create", ""
                 try:
                     if not mine or rng.random() < 0.1:
                         response = await http.get(url + "/incr")
@@ -72,16 +75,22 @@ def test_four_workers_share_one_file_under_load(tmp_path: Path) -> None:
                             mine.append(cookie)
                             expected[cookie] = 1
                     elif rng.random() < 0.5:
-                        cookie = rng.choice(mine)
+                        op, cookie = "incr", rng.choice(mine)
                         response = await http.get(url + "/incr", headers={"cookie": f"session={cookie}"})
                         if response.status_code == 200:
-                            expected[cookie] += 1
-                            assert int(response.text) == expected[cookie], "a write missed an earlier one"
+                            n = int(response.text)
+                            # One more than acknowledged, plus any write the killed worker made but never
+                            # answered: never fewer (a lost acknowledged write), never more.
+                            if not expected[cookie] < n <= expected[cookie] + 1 + unanswered[cookie]:
+                                errors.append(f"incr gave {n} through :{port}, acknowledged {expected[cookie]}")
+                            expected[cookie], unanswered[cookie] = n, 0
                             counts["writes"] += 1
                     else:
-                        cookie = rng.choice(mine)
+                        op, cookie = "read", rng.choice(mine)
                         response = await http.get(url + "/read", headers={"cookie": f"session={cookie}"})
-                        if response.status_code == 200 and int(response.text) != expected[cookie]:
+                        if response.status_code == 200 and not (
+                            expected[cookie] <= int(response.text) <= expected[cookie] + unanswered[cookie]
+                        ):
                             errors.append(f"read {response.text} through :{port}, expected {expected[cookie]}")
                         counts["cross_reads"] += 1
                     http.cookies.clear()  # each request carries exactly the session it means
@@ -90,6 +99,8 @@ def test_four_workers_share_one_file_under_load(tmp_path: Path) -> None:
                 except httpx.TransportError:
                     if port not in dead:
                         errors.append(f"transport error from live worker :{port}")
+                    elif op == "incr":
+                        unanswered[cookie] += 1  # the killed worker may have stored it before dying
 
     async def run() -> None:
         deadline = time.monotonic() + 30
@@ -109,7 +120,7 @@ def test_four_workers_share_one_file_under_load(tmp_path: Path) -> None:
             for cookie, n in expected.items():
                 for port in ports[:3]:
                     response = http.get(f"http://127.0.0.1:{port}/read", headers={"cookie": f"session={cookie}"})
-                    assert response.text == str(n), (cookie, port)
+                    assert n <= int(response.text) <= n + unanswered[cookie], (cookie, port)
     finally:
         for server, _ in workers:
             server.send_signal(signal.SIGINT)
