@@ -66,10 +66,6 @@ def encode_record(rtype: int, key: bytes, value: bytes, expire_at: float | None)
     return b"".join((head, _CRC.pack(_crc32(head)), key, value))
 
 
-def record_size(key: bytes, value: bytes) -> int:
-    return RECORD_HEADER_SIZE + len(key) + len(value)
-
-
 class HeaderError(Exception):
     """The file header is not that of a buntsession file this version can read. `torn` marks a short header."""
 
