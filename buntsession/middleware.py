@@ -157,9 +157,9 @@ class SessionMiddleware:
             session._freeze("the session of a WebSocket connection is read-only")
             await self.app(scope, receive, send)
             return
-        await self._serve(scope, receive, send, session, had_cookie=cookie is not None)
+        await self._serve(scope, receive, send, session)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, session: Session, had_cookie: bool) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, session: Session) -> None:
         started = False
         failed = False
 
@@ -170,7 +170,7 @@ class SessionMiddleware:
             if message["type"] == "http.response.start" and not started:
                 started = True
                 try:
-                    await self._commit(scope, message, session, had_cookie)
+                    await self._commit(scope, message, session)
                 except StoreError:
                     logger.exception("the session store failed while committing a session")
                     failed = True
@@ -244,7 +244,7 @@ class SessionMiddleware:
 
     # -- commit ---------------------------------------------------------------------------------------------
 
-    async def _commit(self, scope: Scope, message: Message, session: Session, had_cookie: bool) -> None:
+    async def _commit(self, scope: Scope, message: Message, session: Session) -> None:
         """Store what the request changed and set the cookie, just before the response starts."""
         message.setdefault("headers", [])
         headers = MutableHeaders(scope=message)
@@ -254,8 +254,9 @@ class SessionMiddleware:
         session._freeze("the session was changed after the response started; the change is not stored")
         cookie = None
         if session._dead_tokens and (ok or session._destroyed):
+            # Dead tokens belong to sessions loaded from the store, so the request carried their cookie.
             await self._end_sessions(session)
-            if session._destroyed and had_cookie:
+            if session._destroyed:
                 cookie = self._expired_cookie(scope)
         if ok:
             cookie = await self._write(scope, session) or cookie

@@ -8,7 +8,6 @@ running process holds.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import mmap
 import os
@@ -24,10 +23,13 @@ import anyio
 
 from buntsession.engine import DB
 from buntsession.engine import format as fmt
+from buntsession.engine.log import FileOps, write_all
 from buntsession.errors import FileLockedError
 
 EX_OK, EX_TORN, EX_DAMAGED = 0, 1, 2
 EX_USAGE, EX_NOINPUT, EX_TEMPFAIL = 64, 66, 75
+
+_OPS = FileOps()  # the engine's own file calls: the same lock, the same writes, the same directory fsync
 
 
 class ToolError(Exception):
@@ -227,13 +229,14 @@ def repair(path: str, out: IO[str]) -> int:
         tmp = path + ".repair"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            kept = _write_all(fd, [fmt.encode_file_header(), *(view[a:b] for a, b in found.kept)])
+            kept = write_all(_OPS, fd, fmt.encode_file_header())
+            kept += sum(write_all(_OPS, fd, view[a:b]) for a, b in found.kept)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.link(path, aside)  # the original stays whole under its new name; the path never goes missing
         os.replace(tmp, path)
-        _fsync_dir(path)
+        _OPS.fsync_dir(os.path.abspath(path))
     out.write(f"{path}: kept {found.records} records ({kept} bytes), dropped {found.size - kept} bytes; "
               f"the original is {aside}\n")
     return EX_OK
@@ -264,30 +267,9 @@ def _locked(path: str) -> Iterator[None]:
     """Hold the file's lock, as a DB would: ToolError(75) when a running process holds it."""
     fd = _open(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ToolError(EX_TEMPFAIL, f"{path}: held by a running process; stop it first") from None
+        if not _OPS.try_lock(fd):
+            raise ToolError(EX_TEMPFAIL, f"{path}: held by a running process; stop it first")
         yield
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, chunks: list[bytes | memoryview]) -> int:
-    total = 0
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-            total += written
-    return total
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -28,11 +28,9 @@ class RedisServer:
     """A redis-server on a free loopback port, with no persistence."""
 
     def __init__(self, workdir: str) -> None:
-        import socket
+        from helpers import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -140,3 +141,10 @@ async def asgi_get(app: Any, headers: list[tuple[bytes, bytes]], path: str = "/"
 
     await app(scope, receive, send)
     return sent[0]["status"], sent[0].get("headers", [])
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_example import free_port
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

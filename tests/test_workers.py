@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from test_example import free_port
+from helpers import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -315,9 +315,9 @@ class AppendLog:
         try:
             ops.ftruncate(fd, 0)
             start, snapshot = take_snapshot()
-            size = _write_all(ops, fd, fmt.encode_file_header())
+            size = write_all(ops, fd, fmt.encode_file_header())
             for chunk in snapshot:
-                size += _write_all(ops, fd, chunk)
+                size += write_all(ops, fd, chunk)
             ops.phase("snapshot")
             copied = self._copy(fd, start, self.end)
             ops.phase("tail")
@@ -357,12 +357,12 @@ class AppendLog:
             chunk = self._ops.pread(self.fd, min(_COPY_CHUNK, end - pos), pos)
             if not chunk:
                 raise OSError(errno.EIO, "data file shorter than its records", self.path)
-            _write_all(self._ops, dst, chunk)
+            write_all(self._ops, dst, chunk)
             pos += len(chunk)
         return pos
 
 
-def _write_all(ops: FileOps, fd: int, data: bytes) -> int:
+def write_all(ops: FileOps, fd: int, data: bytes | memoryview) -> int:
     """Write all of `data`, looping on short writes: only for files no reader trusts before an fsync."""
     done = 0
     while done < len(data):
@@ -453,7 +453,7 @@ def _lock_data_file(path: str, fd: int, ops: FileOps, shared_options: str | None
     assert lock_fd is not None
     if ops.try_lock(fd):  # alone: the first sharer sets the options, then shares the lock
         ops.ftruncate(lock_fd, 0)
-        _write_all(ops, lock_fd, shared_options.encode())
+        write_all(ops, lock_fd, shared_options.encode())
         return ops.try_lock(fd, shared=True)  # a conversion: an exclusive opener may slip in, then we retry
     if not ops.try_lock(fd, shared=True):
         return False
@@ -508,7 +508,7 @@ def _initialise(path: str, fd: int, ops: FileOps, size: int) -> int:
     header = fmt.encode_file_header()
     if size:
         ops.ftruncate(fd, 0)
-    _write_all(ops, fd, header)
+    write_all(ops, fd, header)
     ops.fsync(fd)
     ops.fsync_dir(path)
     return len(header)

@@ -23,7 +23,7 @@ import anyio
 
 from buntsession.engine import format as fmt
 from buntsession.engine.db import DB, Entry, _replayer
-from buntsession.engine.log import AppendLog, Superseded
+from buntsession.engine.log import Superseded
 
 __all__ = ["SharedDB"]
 
@@ -104,20 +104,16 @@ class SharedDB(DB):
     def _locked_for_rewrite(self, final: bool) -> Iterator[None]:
         """The append lock, then the index lock, caught up. At the swap, a file another sharer replaced
         meanwhile ends this rewrite (Superseded) instead of being reloaded under it."""
-        log = self._log
-        if log is None or log.lock_fd is None:
-            with self._lock:
-                yield
-            return
-        locked: AppendLog = log
+        log = self._writable()  # raises when closed
+        assert log is not None
         with self._turn:
-            locked.append_lock()
+            log.append_lock()
             try:
                 with self._lock:
                     self._refresh_locked(allow_reload=not final, holding_append_lock=True)
                     yield
             finally:
-                locked.append_unlock()
+                log.append_unlock()
 
     # -- the calls: reads catch up first, writes append under the lock -------------------------------------
 
