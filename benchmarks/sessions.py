@@ -1,28 +1,40 @@
 """Session middleware benchmark: what each middleware adds to a request, all in one run.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python benchmarks/sessions.py            # in-process, a minute or two
+    .venv/bin/python benchmarks/sessions.py            # in-process, a few minutes
     .venv/bin/python benchmarks/sessions.py --wrk      # also through a real uvicorn, driven by wrk
 
-A small Starlette app (routes that put, get and increment, through the dict API every middleware shares)
-is called in-process, ASGI message by ASGI message, with `secret_key` set, for: no session middleware,
-Starlette's cookie SessionMiddleware, starsessions with its in-memory store, and buntsession with BuntStore
-on a real file (sync="everysec", the default). Rounds interleave the contenders; each figure is the median
-of the rounds, and what matters is the time each middleware adds over the bare app.
+A Starlette app is called in-process, ASGI message by ASGI message, with `secret_key` set, through the
+dict API every middleware shares, for: no session middleware, a floor (the least work a signed server-side
+session needs, written here), Starlette's cookie SessionMiddleware, starsessions with its in-memory store,
+and buntsession with BuntStore on a real file (sync="everysec", the default). Routes: `get` reads a small
+session, `put` writes it, `incr` reads and writes a counter; `profile` reads a realistic session (a
+signed-in user, a cart of five items as a list of dicts, preferences) and `cart` adds an item to its cart.
+Each contender's app lives through one lifespan per round (its store opened at startup, closed at
+shutdown). Rounds interleave the contenders; each figure is the median of the rounds, and what matters is
+the time each middleware adds over the bare app.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import hmac
+import json
 import os
 import re
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -34,6 +46,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 SECRET = "benchmark-secret"
+USER = {"id": 4242, "name": "Ada Lovelace", "email": "ada@example.com", "roles": ["customer"]}
+CART = [{"sku": f"SKU-{i:05d}", "name": f"Item number {i}", "qty": i % 3 + 1, "price": 9.99 + i} for i in range(5)]
+PREFS = {"theme": "dark", "language": "en-GB", "currency": "GBP", "newsletter": True}
 
 
 def session_of(request: Request) -> dict[str, Any]:
@@ -55,12 +70,100 @@ async def incr(request: Request) -> PlainTextResponse:
     return PlainTextResponse(str(session["n"]))
 
 
-ROUTES = [Route("/put", put), Route("/get", get), Route("/incr", incr)]
+async def sign_in(request: Request) -> PlainTextResponse:
+    session = session_of(request)
+    session["user"], session["cart"], session["prefs"] = USER, CART, PREFS
+    return PlainTextResponse("ok")
+
+
+async def profile(request: Request) -> PlainTextResponse:
+    session = session_of(request)
+    user, cart, prefs = session.get("user") or {}, session.get("cart") or [], session.get("prefs") or {}
+    total = sum(item["qty"] * item["price"] for item in cart)
+    return PlainTextResponse(f"{user.get('name')}: {len(cart)} items, {total:.2f} {prefs.get('currency')}")
+
+
+async def cart(request: Request) -> PlainTextResponse:
+    session = session_of(request)
+    items = list(session.get("cart") or [])
+    items.append({"sku": "SKU-99999", "name": "One more thing", "qty": 1, "price": 4.5})
+    session["cart"] = items[-5:]  # five items, so the session keeps its size from request to request
+    return PlainTextResponse(str(len(items)))
+
+
+ROUTES = [Route("/put", put), Route("/get", get), Route("/incr", incr), Route("/sign_in", sign_in),
+          Route("/profile", profile), Route("/cart", cart)]
+SMALL = ("get", "incr", "put")
+REALISTIC = ("profile", "cart")
+PATHS = SMALL + REALISTIC
+
+
+class FloorMiddleware:
+    """The least work a signed, durable server-side session needs, and nothing more: find the cookie,
+    check its HMAC-SHA256, hash the token, one dict lookup, json.loads; on a change one json.dumps and one
+    framed os.write (a CRC'd record appended to a file). No expiry, no merge, no safety: a yardstick."""
+
+    def __init__(self, app: Any, path: str) -> None:
+        self.app = app
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.index: dict[str, bytes] = {}
+        self.mac = hmac.new(hashlib.sha256(SECRET.encode()).digest(), digestmod=hashlib.sha256)
+        self.find = re.compile(rb"(?:^|;) *session=([^;]*)").search
+
+    def sign(self, token: bytes) -> bytes:
+        mac = self.mac.copy()
+        mac.update(token)
+        return base64.urlsafe_b64encode(mac.digest())[:43]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = key = None
+        data: dict[str, Any] = {}
+        for name, value in scope["headers"]:
+            if name == b"cookie" and (found := self.find(value)):
+                cookie = found[1]
+                if hmac.compare_digest(self.sign(cookie[:43]), cookie[44:]):
+                    token = cookie[:43]
+                    key = hashlib.sha256(token).hexdigest()
+                    stored = self.index.get(key)
+                    if stored is not None:
+                        data = json.loads(stored)
+                break
+        session = scope["session"] = _Tracked(data)
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal token, key
+            if message["type"] == "http.response.start" and session.changed:
+                record = json.dumps(session).encode()
+                if token is None:
+                    token = base64.urlsafe_b64encode(os.urandom(32))[:43]
+                    key = hashlib.sha256(token).hexdigest()
+                    message.setdefault("headers", []).append(
+                        (b"set-cookie", b"session=" + token + b"." + self.sign(token) + b"; path=/; httponly"))
+                assert key is not None
+                head = struct.pack("<II", len(record), zlib.crc32(record))
+                os.write(self.fd, head + key.encode() + record)
+                self.index[key] = record
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+class _Tracked(dict[str, Any]):
+    changed = False
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.changed = True
+        super().__setitem__(key, value)
 
 
 def build(kind: str, workdir: str) -> Any:
     if kind == "bare":
         return Starlette(routes=ROUTES)
+    if kind == "floor":
+        return FloorMiddleware(Starlette(routes=ROUTES), os.path.join(workdir, f"floor-{time.monotonic_ns()}.log"))
     if kind == "starlette":
         from starlette.middleware.sessions import SessionMiddleware
 
@@ -81,7 +184,8 @@ def build(kind: str, workdir: str) -> Any:
     raise ValueError(kind)
 
 
-CONTENDERS = ["bare", "starlette", "starsessions", "buntsession"]
+CONTENDERS = ["bare", "floor", "starlette", "starsessions", "buntsession"]
+PEERS = ["floor", "starlette", "starsessions"]
 _COOKIE = re.compile(rb"^([^=]+)=([^;]*)")
 
 
@@ -115,65 +219,77 @@ class Client:
         return status
 
 
-async def lifespan(app: Any, event: str) -> None:
-    """Send one lifespan event (startup or shutdown) and wait for its answer."""
-    messages = [{"type": f"lifespan.{event}"}]
-    done = anyio.Event()
+@asynccontextmanager
+async def lifespan(app: Any) -> AsyncIterator[None]:
+    """Run the app's lifespan around the block: startup before it, shutdown after, in one lifespan task."""
+    to_app_send, to_app = anyio.create_memory_object_stream[dict[str, Any]](2)
+    from_app_send, from_app = anyio.create_memory_object_stream[dict[str, Any]](2)
 
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await done.wait()
-        await anyio.sleep_forever()
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        done.set()
+    async def run() -> None:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, to_app.receive, from_app_send.send)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
-        await done.wait()
-        tg.cancel_scope.cancel()
+        tg.start_soon(run)
+        await to_app_send.send({"type": "lifespan.startup"})
+        answer = await from_app.receive()
+        if answer["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"startup failed: {answer}")
+        try:
+            yield
+        finally:
+            await to_app_send.send({"type": "lifespan.shutdown"})
+            answer = await from_app.receive()
+            if answer["type"] != "lifespan.shutdown.complete":
+                raise RuntimeError(f"shutdown failed: {answer}")
 
 
 async def in_process(requests: int, rounds: int) -> dict[str, dict[str, list[float]]]:
     """Per contender and route, the seconds per request of each round (also printed)."""
     workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
-    paths = ("get", "incr", "put")
-    results: dict[str, dict[str, list[float]]] = {k: {p: [] for p in paths} for k in CONTENDERS}
+    results: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PATHS} for k in CONTENDERS}
     try:
         for _ in range(rounds):
             for kind in CONTENDERS:
                 app = build(kind, workdir)
-                await lifespan(app, "startup")
-                client = Client(app)
-                assert await client.request("/put") == 200
-                for _ in range(requests // 10):  # warm up
-                    await client.request("/get")
-                for path in paths:
-                    started = time.perf_counter()
-                    for _ in range(requests):
-                        await client.request(f"/{path}")
-                    results[kind][path].append((time.perf_counter() - started) / requests)
-                if kind != "bare":
-                    assert await client.request("/get") == 200 and client.cookies, kind
-                await lifespan(app, "shutdown")
+                async with lifespan(app):
+                    small, realistic = Client(app), Client(app)
+                    assert await small.request("/put") == 200
+                    assert await realistic.request("/sign_in") == 200
+                    for _ in range(requests // 10):  # warm up
+                        await small.request("/get")
+                        await realistic.request("/profile")
+                    for path in PATHS:
+                        client = realistic if path in REALISTIC else small
+                        started = time.perf_counter()
+                        for _ in range(requests):
+                            await client.request(f"/{path}")
+                        results[kind][path].append((time.perf_counter() - started) / requests)
+                    if kind != "bare":
+                        assert small.cookies and realistic.cookies, kind
+                        assert await realistic.request("/profile") == 200
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    report(results, requests, rounds)
+    return results
 
-    print(f"\nin-process, {requests:,} requests per route per round, {rounds} rounds; median µs per request")
-    print(f"  {'':<14}" + "".join(f"{p:>10}" for p in ("get", "incr", "put")) + "    added over bare (get/incr/put)")
+
+def added_over_bare(results: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """µs each contender adds per route: its median minus the bare app's."""
     bare = {p: statistics.median(v) for p, v in results["bare"].items()}
-    added: dict[str, dict[str, float]] = {}
+    return {k: {p: statistics.median(v) - bare[p] for p, v in routes.items()} for k, routes in results.items()}
+
+
+def report(results: dict[str, dict[str, list[float]]], requests: int, rounds: int) -> None:
+    print(f"\nin-process, {requests:,} requests per route per round, {rounds} rounds; median µs per request")
+    print(f"  {'':<14}" + "".join(f"{p:>9}" for p in PATHS) + "    added over bare")
+    added = added_over_bare(results)
     for kind in CONTENDERS:
         med = {p: statistics.median(v) for p, v in results[kind].items()}
-        added[kind] = {p: med[p] - bare[p] for p in med}
-        extra = "" if kind == "bare" else "  " + " / ".join(f"{added[kind][p] * 1e6:6.1f}" for p in med)
-        print(f"  {kind:<14}" + "".join(f"{med[p] * 1e6:10.1f}" for p in med) + extra)
-    for other in ("starlette", "starsessions"):
-        ratios = " / ".join(f"{added['buntsession'][p] / added[other][p]:.2f}" for p in ("get", "incr", "put"))
-        print(f"  buntsession adds {ratios}× what {other} adds (get/incr/put)")
-    return results
+        extra = "" if kind == "bare" else "  " + " / ".join(f"{added[kind][p] * 1e6:5.1f}" for p in PATHS)
+        print(f"  {kind:<14}" + "".join(f"{med[p] * 1e6:9.1f}" for p in PATHS) + extra)
+    for other in PEERS:
+        ratios = " / ".join(f"{added['buntsession'][p] / added[other][p]:.2f}" for p in PATHS)
+        print(f"  buntsession adds {ratios}× what {other} adds ({'/'.join(PATHS)})")
 
 
 APP_MODULE = '''
@@ -184,10 +300,17 @@ app = build(os.environ["BENCH_KIND"], os.environ["BENCH_DIR"])
 '''
 
 
-def through_uvicorn(seconds: int, rounds: int) -> None:
+WRK_CONTENDERS = ["bare", "starlette", "starsessions", "buntsession"]
+WRK_PATHS = ("get", "incr")
+
+
+def through_uvicorn(seconds: int, rounds: int, connections: int) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """Each contender under a real uvicorn (one worker), wrk on loopback with each connection keeping the
+    cookie it was given; per contender and route, wrk's report of each round (also printed)."""
+    results: dict[str, dict[str, list[dict[str, float]]]] = {k: {p: [] for p in WRK_PATHS} for k in WRK_CONTENDERS}
     if shutil.which("wrk") is None:
         print("\nwrk is not installed (Debian: apt-get install wrk): skipping the uvicorn run")
-        return
+        return results
     workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
     module_dir = tempfile.mkdtemp(prefix="bench-app-")
     with open(os.path.join(module_dir, "bench_app.py"), "w") as f:
@@ -199,31 +322,37 @@ def through_uvicorn(seconds: int, rounds: int) -> None:
                 'return wrk.format(nil) end\nresponse = function(status, headers, body) '
                 'local s = headers["set-cookie"] or headers["Set-Cookie"] '
                 'if s then c = s:match("^([^;]+)") end end\n')
-    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in CONTENDERS}
     try:
         for _ in range(rounds):
-            for kind in CONTENDERS:
-                port = free_port()
-                env = {**os.environ, "BENCH_KIND": kind, "BENCH_DIR": workdir, "PYTHONPATH": module_dir}
-                server = subprocess.Popen(
-                    [sys.executable, "-m", "uvicorn", "bench_app:app", "--port", str(port), "--log-level", "warning",
-                     "--no-access-log"], env=env)
-                wait_for(port)
-                out = subprocess.run(["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", "-s", lua,
-                                      f"http://127.0.0.1:{port}/incr"], capture_output=True, text=True, check=True)
-                server.send_signal(signal.SIGINT)
-                server.wait(timeout=30)
-                report = parse_wrk(out.stdout)
-                results[kind].append((report["rps"], report["p50"], report["p99"]))
+            for kind in WRK_CONTENDERS:
+                for path in WRK_PATHS:
+                    port = free_port()
+                    env = {**os.environ, "BENCH_KIND": kind, "BENCH_DIR": workdir, "PYTHONPATH": module_dir}
+                    server = subprocess.Popen(
+                        [sys.executable, "-m", "uvicorn", "bench_app:app", "--port", str(port), "--log-level",
+                         "warning", "--no-access-log"], env=env)
+                    try:
+                        wait_for(port)
+                        out = subprocess.run(
+                            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", lua,
+                             f"http://127.0.0.1:{port}/{path}"],
+                            capture_output=True, text=True, check=True, timeout=seconds + 60)
+                    finally:
+                        server.send_signal(signal.SIGINT)
+                        server.wait(timeout=30)
+                    results[kind][path].append(parse_wrk(out.stdout))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(module_dir, ignore_errors=True)
-    print(f"\nuvicorn on loopback, wrk -t1 -c16 -d{seconds}s on /incr (a read and a write per request), "
+    print(f"\nuvicorn on loopback, wrk -t1 -c{connections} -d{seconds}s, each connection keeping its cookie, "
           f"{rounds} rounds; medians")
-    print(f"  {'':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
-    for kind in CONTENDERS:
-        rps, p50, p99 = (statistics.median(x[i] for x in results[kind]) for i in range(3))
-        print(f"  {kind:<14}{rps:10.0f}{p50:10.2f}{p99:10.2f}")
+    print(f"  {'':<14}{'route':>7}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for kind in WRK_CONTENDERS:
+        for path in WRK_PATHS:
+            runs = results[kind][path]
+            rps, p50, p99 = (statistics.median(r[m] for r in runs) for m in ("rps", "p50", "p99"))
+            print(f"  {kind:<14}{path:>7}{rps:10.0f}{p50:9.2f}{p99:9.2f}{sum(r['errors'] for r in runs):8.0f}")
+    return results
 
 
 if __name__ == "__main__":
@@ -232,8 +361,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--wrk", action="store_true", help="also serve each app with uvicorn and load it with wrk")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args()
     print(f"session middleware benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} cores")
     anyio.run(in_process, args.requests, args.rounds)
     if args.wrk:
-        through_uvicorn(args.seconds, max(1, args.rounds // 3))
+        through_uvicorn(args.seconds, max(1, args.rounds // 3), args.connections)

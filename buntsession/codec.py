@@ -1,16 +1,24 @@
 """How sessions are kept in a store: exact types, JSON text, no pickle. Pure functions.
 
-Each value is encoded on its own into a short tagged string, so a store can merge one request's changes
-into a stored session without decoding the other values:
+A value a session may hold is JSON-like (dict with str keys, list, str, int, finite float, bool, None), or,
+standing on its own under a key, `bytes` or a `datetime`. `check_value` is the one judge of that; the
+session calls it when a value is assigned, so nothing reaches a commit that cannot be kept.
 
-    "s" + text                  str
-    "j" + JSON                  int, float, bool, None, and JSON-like lists and dicts (str keys)
-    "b" + base64                bytes
-    "t" + ISO 8601              datetime (an aware one keeps its UTC offset, a naive one stays naive)
+A stored session is one record, a JSON object (format 2), its members in this order::
 
-A record is the JSON object {"v": 1, "c": created, "e": end, "r": remember, "d": {key: encoded value}}:
+    {"v": 2, "c": created, "e": end, "r": remember, "d": {key: value, ...}, "t": {key: "b" | "t", ...}}
+
 created and end are unix times (the end is the absolute end of the session's life), remember is the
-remember-me choice (true, false, or null for the middleware's default).
+remember-me choice (true, false, or null for the middleware's default). The values in "d" are plain JSON,
+so one `json.loads` gives the session back; "t", present only when needed, names the keys whose value is
+`bytes` (kept as base64) or a `datetime` (kept as ISO 8601, an aware one with its UTC offset). Records of
+format 1 (each value a tagged string, below) are still read. The members before "d" depend on the
+metadata alone, so a commit that keeps the metadata reuses them from the loaded record.
+
+A value on its own, where a store keeps each key apart (Redis hash fields), is a tagged string::
+
+    "s" + text    str           "b" + base64     bytes
+    "j" + JSON    the rest      "t" + ISO 8601   datetime
 """
 
 from __future__ import annotations
@@ -19,46 +27,63 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-__all__ = ["Meta", "Update", "apply_update", "decode_record", "decode_value", "encode_record", "encode_value"]
+__all__ = ["MAX_RECORD_SIZE", "Meta", "UnkeepableValue", "check_value", "decode_record", "decode_value",
+           "encode_record", "encode_value"]
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+MAX_RECORD_SIZE = 64 * 1024 * 1024
+"""The largest session record a store is asked to keep (the embedded engine's cap on one value)."""
 _MAX_DEPTH = 64
 
 
-class UnkeepableFloat(TypeError, ValueError):
-    """A NaN or an infinity: a float the codec cannot keep. Both a TypeError (a value the codec cannot
-    keep) and a ValueError (a float of the wrong value), so either `except` catches it."""
+class UnkeepableValue(TypeError, ValueError):
+    """A value the codec cannot keep with its exact type and value: a tuple, a set, a NaN, a str with a
+    lone surrogate, a datetime whose UTC offset has sub-second parts, one too large to store. Both a
+    TypeError (the contract's error for such a value) and a ValueError (a value of a kept type whose value
+    cannot be kept), so either `except` catches it."""
 
 
-def encode_value(value: object) -> str:
-    """Encode `value` keeping its exact type. TypeError for a value that cannot be kept exactly (a tuple,
-    a set, a str subclass, a dict with non-str keys, a NaN, ...)."""
-    if isinstance(value, str) and type(value) is str:
-        return "s" + value
-    if isinstance(value, bytes) and type(value) is bytes:
-        return "b" + base64.b64encode(value).decode("ascii")
-    if isinstance(value, datetime) and type(value) is datetime:
-        return "t" + value.isoformat()
-    check_json_like(value)
-    return "j" + _ENCODER.encode(value)
+UnkeepableFloat = UnkeepableValue  # the name of 0.1.0.dev0
+
+
+def check_value(value: object) -> None:
+    """Raise UnkeepableValue unless a session can keep `value` under a key and give it back exactly."""
+    kind = type(value)
+    if kind is str:
+        _check_text(value)  # type: ignore[arg-type]
+        if len(value) > MAX_RECORD_SIZE:  # type: ignore[arg-type]
+            raise UnkeepableValue(f"a str of {len(value)} characters is over the session size limit")  # type: ignore[arg-type]
+    elif kind is bytes:
+        if (len(value) + 2) // 3 * 4 > MAX_RECORD_SIZE:  # type: ignore[arg-type]
+            raise UnkeepableValue(f"{len(value)} bytes are over the session size limit")  # type: ignore[arg-type]
+    elif kind is datetime:
+        offset = value.utcoffset()  # type: ignore[attr-defined]
+        if offset is not None and offset.microseconds:
+            raise UnkeepableValue(f"a datetime whose UTC offset has sub-second parts ({offset}) cannot be kept")
+    else:
+        check_json_like(value)
 
 
 def check_json_like(value: object, depth: int = 0) -> None:
-    """Raise unless `value` is JSON-like: dict with str keys, list, str, int, finite float, bool, None."""
+    """Raise UnkeepableValue unless `value` is JSON-like: dict with str keys, list, str, int, finite float,
+    bool, None; strings valid Unicode (no lone surrogates)."""
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
+    if kind is str:
+        _check_text(value)  # type: ignore[arg-type]
+        return
+    if kind is int or kind is bool or value is None:
         return
     if kind is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
-            raise UnkeepableFloat(f"a session cannot keep the float {value!r}")
+            raise UnkeepableValue(f"a session cannot keep the float {value!r}")
         return
     if depth >= _MAX_DEPTH:
-        raise TypeError(f"a session value may nest {_MAX_DEPTH} levels deep at most")
+        raise UnkeepableValue(f"a session value may nest {_MAX_DEPTH} levels deep at most")
     if kind is list:
         for item in value:  # type: ignore[attr-defined]
             check_json_like(item, depth + 1)
@@ -66,11 +91,54 @@ def check_json_like(value: object, depth: int = 0) -> None:
     if kind is dict:
         for key, item in value.items():  # type: ignore[attr-defined]
             if type(key) is not str:
-                raise TypeError(f"dict keys in a session value must be str, not {type(key).__name__}")
+                raise UnkeepableValue(f"dict keys in a session value must be str, not {type(key).__name__}")
+            _check_text(key)
             check_json_like(item, depth + 1)
         return
     where = "" if depth == 0 else " inside a list or dict (bytes and datetime may only stand on their own)"
-    raise TypeError(f"a session cannot keep a {kind.__name__} with its exact type{where}")
+    raise UnkeepableValue(f"a session cannot keep a {kind.__name__} with its exact type{where}")
+
+
+def check_key(key: object) -> None:
+    """Raise TypeError unless `key` can name a session value: a str of valid Unicode."""
+    if type(key) is not str:
+        raise TypeError(f"session keys are str, not {type(key).__name__}")
+    _check_text(key)
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise UnkeepableValue(f"a session cannot keep a str with a lone surrogate: {text[:40]!r}") from None
+
+
+# Built once: json.dumps and json.loads with options build a new encoder or decoder on every call.
+# ensure_ascii: a record is ASCII whatever it holds, so turning it into bytes can never fail.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_encode_json = _ENCODER.encode
+
+
+class _Standalone(Exception):
+    """A bytes or datetime value met while encoding: the record needs its type tags."""
+
+
+def _refuse(value: object) -> object:
+    if type(value) is bytes or type(value) is datetime:
+        raise _Standalone
+    raise TypeError(f"a session cannot keep a {type(value).__name__} with its exact type")
+
+
+# The C encoder itself, called without JSONEncoder.encode's per-call set-up; the same output.
+_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+if _c_encoder is not None:
+    _encode_fast = _c_encoder(None, _refuse, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False)
+
+    def _encode_data(data: dict[str, Any]) -> str:
+        return "".join(_encode_fast(data, 0))
+else:  # pragma: no cover  (an interpreter without json's C accelerator)
+    _encode_data = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_refuse).encode
 
 
 def _finite_float(text: str) -> float:
@@ -84,9 +152,41 @@ def _no_constant(text: str) -> None:
     raise ValueError(f"{text} is not allowed")
 
 
-# Built once: json.dumps and json.loads with options build a new encoder or decoder on every call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+_decode_json = _DECODER.decode
+# Floats parsed in C; only a text with an exponent of three digits or more, which may overflow to an
+# infinity, goes through the checking decoder above.
+_scan_fast = json.JSONDecoder(parse_constant=_no_constant).scan_once
+_BIG_EXPONENT = re.compile(r"[eE]\+?[0-9]{3}").search
+
+
+def _decode_whole(text: str) -> Any:
+    """One JSON value that is the whole of `text`. ValueError otherwise."""
+    if _BIG_EXPONENT(text) is not None:
+        return _decode_json(text)
+    try:
+        value, end = _scan_fast(text, 0)
+    except StopIteration:
+        end = -1
+    if end != len(text):
+        return _decode_json(text)  # whitespace around it, or trailing data: let the full decoder judge
+    return value
+
+
+# -- one value on its own: a tagged string ---------------------------------------------------------------------
+
+
+def encode_value(value: object) -> str:
+    """The tagged string of a value `check_value` accepts. TypeError for anything else."""
+    kind = type(value)
+    if kind is str:
+        return "s" + value  # type: ignore[operator]
+    if kind is bytes:
+        return "b" + base64.b64encode(value).decode("ascii")  # type: ignore[arg-type]
+    if kind is datetime:
+        return "t" + str(value.isoformat())  # type: ignore[attr-defined]
+    check_json_like(value)
+    return "j" + _encode_data(value)  # type: ignore[arg-type]
 
 
 def decode_value(text: str) -> Any:
@@ -95,15 +195,22 @@ def decode_value(text: str) -> Any:
     if tag == "s":
         return body
     if tag == "j":
-        return _DECODER.decode(body)
+        return _decode_whole(body)
     if tag == "b":
-        try:
-            return base64.b64decode(body, validate=True)
-        except binascii.Error as exc:
-            raise ValueError(f"bad base64: {exc}") from None
+        return _from_base64(body)
     if tag == "t":
         return datetime.fromisoformat(body)
     raise ValueError(f"unknown value tag {tag!r}")
+
+
+def _from_base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"bad base64: {exc}") from None
+
+
+# -- a whole session: a record ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,71 +225,81 @@ class Meta:
     """remember_me's choice; None leaves it to the middleware's max_age."""
 
 
-def encode_record(meta: Meta, values: Mapping[str, str]) -> bytes:
-    record = {"v": RECORD_VERSION, "c": meta.created, "e": meta.end, "r": meta.remember, "d": values}
-    return _ENCODER.encode(record).encode()
+def record_head(meta: Meta) -> bytes:
+    """The start of every record of a session with `meta`: all of it up to the values."""
+    remember = "null" if meta.remember is None else "true" if meta.remember else "false"
+    return f'{{"v":{RECORD_VERSION},"c":{meta.created!r},"e":{meta.end!r},"r":{remember},"d":'.encode()
 
 
-def decode_record(data: bytes) -> tuple[Meta, dict[str, str]]:
-    """The metadata and the still-encoded values of a stored session. ValueError if it is not one."""
+def reusable_head(record: bytes) -> bytes | None:
+    """The head of a record of format 2, to reuse while the session's metadata stays the same."""
+    if not record.startswith(b'{"v":2,'):
+        return None
+    at = record.find(b',"d":')
+    return None if at < 0 else record[: at + 5]
+
+
+def encode_record(meta: Meta, data: dict[str, Any], head: bytes | None = None) -> bytes:
+    """The record of a session holding `data` (values `check_value` accepted). A plain dict, not a
+    Session: the encoder reads it directly rather than through the session's access tracking. `head`,
+    when given, is `record_head(meta)` (or the head of a stored record with the same metadata).
+    TypeError or ValueError for a value that cannot be kept (only possible for one changed in place)."""
+    if head is None:
+        head = record_head(meta)
     try:
-        record = json.loads(data)
+        return head + _encode_data(data).encode("ascii") + b"}"
+    except _Standalone:
+        pass
+    tags: dict[str, str] = {}
+    plain = dict(data)
+    for key, value in data.items():
+        if type(value) is bytes:
+            tags[key], plain[key] = "b", base64.b64encode(value).decode("ascii")
+        elif type(value) is datetime:
+            tags[key], plain[key] = "t", value.isoformat()
+    return head + f'{_encode_data(plain)},"t":{_encode_data(tags)}}}'.encode("ascii")
+
+
+def decode_record(data: bytes) -> tuple[Meta, dict[str, Any]]:
+    """The metadata and the values of a stored session. ValueError if it is not one."""
+    try:
+        record = _decode_whole(data.decode("utf-8"))
     except (UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(str(exc)) from None
-    if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:
-        raise ValueError("not a session record of a known version")
-    created, end, remember, values = record.get("c"), record.get("e"), record.get("r"), record.get("d")
-    times = [float(t) for t in (created, end) if isinstance(t, int | float) and math.isfinite(t)]
-    if len(times) != 2 or remember not in (None, True, False) or not isinstance(values, dict):
+    if type(record) is not dict:
+        raise ValueError("not a session record")
+    version, created, end, remember, values = (record.get("v"), record.get("c"), record.get("e"), record.get("r"),
+                                                record.get("d"))
+    if type(created) is int:
+        created = float(created)
+    if type(end) is int:
+        end = float(end)
+    if type(created) is not float or type(end) is not float or remember not in (None, True, False) \
+            or type(values) is not dict:
         raise ValueError("bad fields in a session record")
-    if not all(type(v) is str for v in values.values()):
-        raise ValueError("bad values in a session record")
-    return Meta(times[0], times[1], remember), values
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """One request's changes to a session, for a store to apply atomically onto what it holds."""
-
-    put: Mapping[str, str]
-    """Keys set, with their encoded values."""
-    removed: frozenset[str] = frozenset()
-    cleared: bool = False
-    """Drop every stored key before applying `put`."""
-    meta: Meta | None = None
-    """New metadata, or None to keep what is stored."""
-    expires_at: float = 0.0
-    """When the store may forget the session (unix time): the earlier of its end and its idle deadline."""
-    create: bool = False
-    """True for a new session; False applies only onto a session that still exists (a destroyed or
-    renewed session is never brought back)."""
-    base: tuple[bytes, Meta, Mapping[str, str]] | None = None
-    """The record as the request loaded it, decoded: when the store still holds those very bytes, the
-    merge need not decode them again."""
-
-
-def apply_update(stored: bytes | None, update: Update) -> bytes | None:
-    """The record after `update`, or None when it must not be written (the session is gone).
-
-    Raises ValueError when the stored record cannot be read.
-    """
-    values: dict[str, str]
-    if update.create:
-        if update.meta is None:
-            raise ValueError("a new session needs its metadata")
-        meta, values = update.meta, {}
-    elif stored is None:
-        return None
+    if version == RECORD_VERSION:
+        tags = record.get("t")
+        if tags is not None:
+            _untag(values, tags)
+    elif version == 1:
+        if not all(type(v) is str for v in values.values()):
+            raise ValueError("bad values in a session record")
+        values = {key: decode_value(text) for key, text in values.items()}
     else:
-        if update.base is not None and stored == update.base[0]:
-            meta, values = update.base[1], dict(update.base[2])
+        raise ValueError("not a session record of a known version")
+    return Meta(created, end, remember), values
+
+
+def _untag(values: dict[str, Any], tags: object) -> None:
+    if type(tags) is not dict:
+        raise ValueError("bad type tags in a session record")
+    for key, tag in tags.items():
+        text = values.get(key)
+        if type(text) is not str:
+            raise ValueError(f"a tagged value in a session record is not text: {key!r}")
+        if tag == "b":
+            values[key] = _from_base64(text)
+        elif tag == "t":
+            values[key] = datetime.fromisoformat(text)
         else:
-            meta, values = decode_record(stored)
-        if update.cleared:
-            values = {}
-        if update.meta is not None:
-            meta = update.meta
-    values.update(update.put)
-    for key in update.removed:
-        values.pop(key, None)
-    return encode_record(meta, values)
+            raise ValueError(f"unknown type tag {tag!r} in a session record")

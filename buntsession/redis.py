@@ -17,6 +17,7 @@ stopped server turns into a 503 rather than a hung request; the client reconnect
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
@@ -26,10 +27,13 @@ import anyio
 import redis.asyncio
 import redis.exceptions
 
-from buntsession.codec import Meta, Update, decode_record, encode_record
+from buntsession.codec import Meta, decode_record, decode_value, encode_record, encode_value
 from buntsession.errors import StoreError
+from buntsession.merge import Update
 
 __all__ = ["RedisStore"]
+
+logger = logging.getLogger("buntsession")
 
 _T = TypeVar("_T")
 
@@ -126,24 +130,28 @@ class RedisStore:
             return None
         meta, values = _from_hash(fields)
         if meta is None:
+            logger.warning("a stored session could not be decoded (tampered with?); starting a fresh one")
             return None
         return encode_record(meta, values), expiry_ms / 1000
 
     async def commit(self, key: str, data: bytes, expires_at: float) -> None:
         meta, values = decode_record(data)
-        await self.merge(key, Update(put=values, cleared=True, meta=meta, expires_at=expires_at, create=True))
+        await self.merge(key, Update(values, meta, expires_at, create=True))
 
     async def delete(self, key: str) -> None:
         await self._run(self.client.delete(self.prefix + key))
 
     async def merge(self, key: str, update: Update) -> bool:
+        changed = update.changed()
+        meta = update.meta if update.create or update.meta_changed else None
+        removed = [name for name in update.removed if name not in changed]
         args: list[Any] = ["1" if update.create else "0", "1" if update.cleared else "0", _ms(update.expires_at),
-                           len(update.put), len(update.removed), "0" if update.meta is None else "1"]
-        if update.meta is not None:
-            args += [repr(update.meta.created), repr(update.meta.end), _REMEMBER[update.meta.remember]]
-        for name, text in update.put.items():
-            args += ["d:" + name, text]
-        args += ["d:" + name for name in update.removed]
+                           len(changed), len(removed), "0" if meta is None else "1"]
+        if meta is not None:
+            args += [repr(meta.created), repr(meta.end), _REMEMBER[meta.remember]]
+        for name, value in changed.items():
+            args += ["d:" + name, encode_value(value)]
+        args += ["d:" + name for name in removed]
         return bool(await self._run(self._merge(keys=[self.prefix + key], args=args)))
 
     async def touch(self, key: str, expires_at: float) -> bool:
@@ -153,17 +161,17 @@ class RedisStore:
         """Durability is the Redis server's (its appendfsync setting): nothing to do here."""
 
 
-def _from_hash(fields: Mapping[Any, Any]) -> tuple[Meta | None, dict[str, str]]:
+def _from_hash(fields: Mapping[Any, Any]) -> tuple[Meta | None, dict[str, Any]]:
     meta: dict[str, str] = {}
-    values: dict[str, str] = {}
-    for name, value in fields.items():
-        field, text = _text(name), _text(value)
-        if field.startswith("d:"):
-            values[field[2:]] = text
-        elif field.startswith("m:"):
-            meta[field[2:]] = text
+    values: dict[str, Any] = {}
     try:
+        for name, value in fields.items():
+            field, text = _text(name), _text(value)
+            if field.startswith("d:"):
+                values[field[2:]] = decode_value(text)
+            elif field.startswith("m:"):
+                meta[field[2:]] = text
         remember = {"": None, "1": True, "0": False}[meta["r"]]
         return Meta(float(meta["c"]), float(meta["e"]), remember), values
-    except (KeyError, ValueError):
-        return None, values  # not a session this store wrote: treated as absent
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None, values  # not a session this store wrote (or tampered with): treated as absent

@@ -1,8 +1,13 @@
 """`Session`: the dict a request sees, with change tracking, typed helpers and its lifecycle.
 
 Like Starlette's `Session`, a dict that records whether it was read (`accessed`) and changed (`modified`);
-beyond it, it records which keys changed, so that a commit merges only those into the stored session.
-Values are checked when they are assigned: one the codec cannot keep with its exact type raises at once.
+beyond it, it records which keys were assigned or removed, and which list or dict values it handed out
+(those may be changed in place, so a commit compares them with what was loaded). Values are checked when
+they are assigned: one the codec cannot keep with its exact type raises at once.
+
+The middleware's lifecycle (`buntsession.lifecycle`) reads a session through three calls, and only these:
+`Session.restore` builds one from its record, `pending()` hands over what a commit must do, and
+`stored()` tells it the token and times it was stored under.
 """
 
 from __future__ import annotations
@@ -10,16 +15,15 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
-from buntsession import codec
-from buntsession.codec import Meta
+from buntsession.codec import Meta, check_key, check_value
 from buntsession.errors import SessionTypeError
 
-__all__ = ["Session", "Status", "new_token", "store_key"]
+__all__ = ["Pending", "Session", "Status", "new_token", "store_key"]
 
 _T = TypeVar("_T")
 _D = TypeVar("_D")
@@ -44,6 +48,29 @@ class Status(enum.StrEnum):
     DESTROYED = "destroyed"
 
 
+class Pending(NamedTuple):
+    """What a commit must do for one session: the session's one hand-over to the lifecycle."""
+
+    token: str | None
+    """The token the session goes out with (None: a new session that has none yet)."""
+    meta: Meta | None
+    """The stored session's metadata; None when it is not stored under `token` (new, renewed, destroyed)."""
+    base: bytes | None
+    """The record as loaded, when `meta` is not None."""
+    data: dict[str, Any]
+    """Every key and value now, as a plain dict."""
+    put: Set[str]
+    touched: Set[str]
+    """Keys whose list or dict value was handed out: they may have changed in place."""
+    removed: Set[str]
+    cleared: bool
+    remember: bool | None
+    remember_changed: bool
+    destroyed: bool
+    dead_tokens: tuple[str, ...]
+    """Tokens of stored sessions that destroy() or renew_token() ended."""
+
+
 # -- the typed helpers' kinds: one generic mechanism serves the seven types ------------------------------------
 
 
@@ -53,7 +80,7 @@ class _Kind(Generic[_T]):
     holds: Callable[[object], bool]
     """Whether a stored value is of this kind (exact types: a bool is not an int)."""
     accept: Callable[[Any], _T]
-    """The value a put stores; TypeError for another type."""
+    """The value a put stores; TypeError for another type. The session then checks it can be kept."""
 
 
 def _exactly(cls: type) -> Callable[[object], bool]:
@@ -88,16 +115,17 @@ def _accept_time(value: Any) -> datetime:
     return value if type(value) is datetime else datetime.fromisoformat(value.isoformat())
 
 
-def _is_json_like(value: object) -> bool:
-    try:
-        codec.check_json_like(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+_STANDALONE = (bytes, datetime)
+
+
+def _holds_object(value: object) -> bool:
+    # Every value in a session was checked when assigned or decoded: all but these two are JSON-like.
+    return type(value) not in _STANDALONE
 
 
 def _accept_object(value: Any) -> Any:
-    codec.check_json_like(value)
+    if type(value) in _STANDALONE:
+        raise TypeError(f"expected a JSON-like object, got {type(value).__name__}")
     return value
 
 
@@ -107,7 +135,7 @@ FLOAT = _Kind("float", _exactly(float), _accept_float)
 BOOL = _Kind("bool", _exactly(bool), _only(bool))
 BYTES = _Kind("bytes", _exactly(bytes), _accept_bytes)
 TIME = _Kind("datetime", _exactly(datetime), _accept_time)
-OBJECT = _Kind("JSON-like object", _is_json_like, _accept_object)
+OBJECT = _Kind("JSON-like object", _holds_object, _accept_object)
 
 
 class Session(dict[str, Any]):
@@ -115,36 +143,55 @@ class Session(dict[str, Any]):
     the response starts. A change after that raises RuntimeError, as does any change to the read-only
     session of a WebSocket connection."""
 
+    # Defaults on the class: a request that only reads its session sets none of them.
     accessed: bool = False
     modified: bool = False
+    _token: str | None = None
+    _meta: Meta | None = None  # None until the session is stored (and again after renew or destroy)
+    _base: bytes | None = None  # the record as loaded
+    _expires: float | None = None  # when the store will forget it (the earlier of its end and idle deadline)
+    _remember: bool | None = None
+    _remember_changed: bool = False
+    _put: set[str] | None = None
+    _removed: set[str] | None = None
+    _touched: set[str] | None = None
+    _touched_all: bool = False
+    _cleared: bool = False
+    _destroyed: bool = False
+    _dead_tokens: tuple[str, ...] = ()
+    _frozen: str | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._token: str | None = None
-        self._meta: Meta | None = None  # None until the session is stored
-        self._expires: float | None = None  # when the store will forget it (earlier of end and idle)
-        self._remember: bool | None = None
-        self._remember_changed = False
-        self._loaded: dict[str, str] = {}  # encoded values as loaded, to find in-place changes
-        self._put: dict[str, str | None] = {}  # keys set, encoded (None: a list or dict, encoded at commit)
-        self._removed: set[str] = set()
-        self._cleared = False
-        self._renewed = False
-        self._destroyed = False
-        self._dead_tokens: list[str] = []  # stored sessions that destroy() or renew_token() ended
-        self._frozen: str | None = None
-        self._base: tuple[bytes, Meta, dict[str, str]] | None = None  # the record as loaded
+    # -- what the lifecycle uses -----------------------------------------------------------------------------
 
     @classmethod
-    def _from_store(cls, token: str, record: bytes, expires: float | None) -> Session:
-        """A session loaded from its record. ValueError when the record or a value cannot be decoded."""
-        meta, encoded = codec.decode_record(record)
-        session = cls({key: codec.decode_value(text) for key, text in encoded.items()})
-        session._token, session._meta = token, meta
-        session._expires = expires if expires is not None else meta.end
-        session._remember, session._loaded = meta.remember, encoded
-        session._base = (record, meta, encoded)
+    def restore(cls, token: str, record: bytes, meta: Meta, values: dict[str, Any], expires: float) -> Session:
+        """The session stored under `token`: `values` and `meta` decoded from `record`."""
+        session = cls(values)
+        session._token, session._meta, session._base = token, meta, record
+        session._expires, session._remember = expires, meta.remember
         return session
+
+    def pending(self, always: bool = False) -> Pending | None:
+        """What a commit must do; None, unless `always`, when the request neither changed the session nor
+        was handed a value it could have changed in place."""
+        if not (always or self.modified or self._touched is not None or self._touched_all):
+            return None
+        data = dict.copy(self)
+        if self._touched_all:
+            touched: Set[str] = {key for key, value in data.items() if type(value) in _MUTABLE}
+        else:
+            touched = self._touched or frozenset()
+        return Pending(self._token, self._meta, self._base, data, self._put or frozenset(), touched,
+                       self._removed or frozenset(), self._cleared, self._remember, self._remember_changed,
+                       self._destroyed, self._dead_tokens)
+
+    def stored(self, token: str, meta: Meta, expires: float) -> None:
+        """Record that the commit stored the session under `token`."""
+        self._token, self._meta, self._expires = token, meta, expires
+
+    def freeze(self, reason: str) -> None:
+        """Refuse every change from now on, with RuntimeError(reason)."""
+        self._frozen = reason
 
     # -- change tracking (Starlette's names) ----------------------------------------------------------------
 
@@ -152,136 +199,172 @@ class Session(dict[str, Any]):
         self.accessed = True
 
     def mark_modified(self) -> None:
-        self._check_mutable()
+        if self._frozen is not None:
+            raise RuntimeError(self._frozen)
         self.accessed = True
         self.modified = True
 
-    def _check_mutable(self) -> None:
-        if self._frozen is not None:
-            raise RuntimeError(self._frozen)
-
-    def _freeze(self, reason: str) -> None:
-        self._frozen = reason
-
-    def _set(self, key: str, value: Any) -> None:
-        if type(key) is not str:
-            raise TypeError(f"session keys are str, not {type(key).__name__}")
-        encoded = codec.encode_value(value)  # raises now, not at commit, for a value that cannot be kept
+    def _assign(self, key: str, value: Any) -> None:
+        check_key(key)
+        check_value(value)  # raises now, not at commit, for a value that cannot be kept
         self.mark_modified()
-        super().__setitem__(key, value)
-        self._put[key] = None if type(value) in (list, dict) else encoded  # those may change in place
-        self._removed.discard(key)
+        dict.__setitem__(self, key, value)
+        if self._put is None:
+            self._put = set()
+        self._put.add(key)
+        if self._removed is not None:
+            self._removed.discard(key)
 
     def _forget(self, key: str) -> None:
-        self._put.pop(key, None)
+        if self._put is not None:
+            self._put.discard(key)
+        if self._removed is None:
+            self._removed = set()
         self._removed.add(key)
+
+    def _handed_out(self, key: str, value: Any) -> Any:
+        """Note that `value`, about to be handed to the app, may be changed in place."""
+        if type(value) in _MUTABLE:
+            if self._touched is None:
+                self._touched = set()
+            self._touched.add(key)
+        return value
 
     # -- dict interface ------------------------------------------------------------------------------------
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._set(key, value)
+        self._assign(key, value)
 
     def __delitem__(self, key: str) -> None:
         self.mark_modified()
-        super().__delitem__(key)
+        dict.__delitem__(self, key)
         self._forget(key)
 
     def __getitem__(self, key: str) -> Any:
         self.accessed = True
-        return super().__getitem__(key)
+        value = dict.__getitem__(self, key)
+        if type(value) in _MUTABLE:
+            self._handed_out(key, value)
+        return value
 
     def __contains__(self, key: object) -> bool:
         self.accessed = True
-        return super().__contains__(key)
+        return dict.__contains__(self, key)
 
     def __iter__(self) -> Iterator[str]:
+        # Overridden (not only for `accessed`): with it, dict(session) and {**session} read the values
+        # through __getitem__, so the values they hand out are tracked.
         self.accessed = True
-        return super().__iter__()
+        return dict.__iter__(self)
 
     def __len__(self) -> int:
         self.accessed = True
-        return super().__len__()
+        return dict.__len__(self)
 
     def get(self, key: str, default: Any = None) -> Any:
         self.accessed = True
-        return super().get(key, default)
+        value = dict.get(self, key, _MISSING)
+        if value is _MISSING:
+            return default
+        if type(value) in _MUTABLE:
+            self._handed_out(key, value)
+        return value
 
     def keys(self) -> Any:
         self.accessed = True
-        return super().keys()
+        return dict.keys(self)
 
     def values(self) -> Any:
         self.accessed = True
-        return super().values()
+        self._touched_all = True
+        return dict.values(self)
 
     def items(self) -> Any:
         self.accessed = True
-        return super().items()
+        self._touched_all = True
+        return dict.items(self)
+
+    def copy(self) -> dict[str, Any]:
+        """A plain dict of the same keys and values (a shallow copy, as dict.copy gives)."""
+        self.accessed = True
+        self._touched_all = True
+        return dict.copy(self)
+
+    def __or__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]
+        self.accessed = True
+        self._touched_all = True
+        return dict.__or__(self, other)
+
+    def __ror__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]
+        self.accessed = True
+        self._touched_all = True
+        return dict.__ror__(self, other)
 
     def clear(self) -> None:
         self.mark_modified()
-        super().clear()
+        dict.clear(self)
         self._cleared = True
-        self._put.clear()
-        self._removed.clear()
-        self._loaded = {}
+        self._put = self._removed = self._touched = None
+        self._touched_all = False
 
     def pop(self, key: str, default: Any = _MISSING) -> Any:
         self.accessed = True
-        if not super().__contains__(key):
+        if not dict.__contains__(self, key):
             if default is _MISSING:
                 raise KeyError(key)
             return default
         self.mark_modified()
-        value = super().pop(key)
+        value = dict.pop(self, key)
         self._forget(key)
         return value
 
     def popitem(self) -> tuple[str, Any]:
-        self._check_mutable()
-        key, value = super().popitem()
+        if self._frozen is not None:
+            raise RuntimeError(self._frozen)
+        key, value = dict.popitem(self)
         self.mark_modified()
         self._forget(key)
         return key, value
 
     def setdefault(self, key: str, default: Any = None) -> Any:
-        if not super().__contains__(key):
-            self._set(key, default)
+        if not dict.__contains__(self, key):
+            self._assign(key, default)
         self.accessed = True
-        return super().__getitem__(key)
+        return self._handed_out(key, dict.__getitem__(self, key))
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         items = dict(*args, **kwargs)
         for key, value in items.items():  # all or nothing: check every item before changing any
-            if type(key) is not str:
-                raise TypeError(f"session keys are str, not {type(key).__name__}")
-            codec.encode_value(value)
+            check_key(key)
+            check_value(value)
         for key, value in items.items():
-            self._set(key, value)
+            self._assign(key, value)
         if not items:
             self.mark_modified()
 
-    def __ior__(self, other: Any) -> Session:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> Session:  # type: ignore[override]
         self.update(other)
         return self
 
     # -- typed helpers --------------------------------------------------------------------------------------
 
     def _put_kind(self, kind: _Kind[_T], key: str, value: Any) -> None:
-        self[key] = kind.accept(value)
+        self._assign(key, kind.accept(value))
 
     def _get_kind(self, kind: _Kind[_T], key: str, default: _D) -> _T | _D:
         self.accessed = True
-        if not super().__contains__(key):
+        value = dict.get(self, key, _MISSING)
+        if value is _MISSING:
             return default
-        value = super().__getitem__(key)
         if not kind.holds(value):
             raise SessionTypeError(f"session key {key!r} holds a {type(value).__name__}, not a {kind.name}")
+        if type(value) in _MUTABLE:
+            self._handed_out(key, value)
         return value  # type: ignore[no-any-return]
 
     def _pop_kind(self, kind: _Kind[_T], key: str, default: _D) -> _T | _D:
         value = self._get_kind(kind, key, default)
-        if super().__contains__(key):
+        if dict.__contains__(self, key):
             del self[key]
         return value
 
@@ -392,38 +475,22 @@ class Session(dict[str, Any]):
         starts. The absolute lifetime starts again. Call it at login and at any change of privilege."""
         self.mark_modified()
         if self._meta is not None and self._token is not None:
-            self._dead_tokens.append(self._token)
+            self._dead_tokens += (self._token,)
         self._token = new_token()
-        self._meta = self._expires = None
-        self._renewed = True
+        self._meta = self._expires = self._base = None
 
     def destroy(self) -> None:
         """End the session: its record is deleted (even if the request then fails) and its cookie expired.
         Puts after it start a new session with a new token."""
         self.mark_modified()
         if self._meta is not None and self._token is not None:
-            self._dead_tokens.append(self._token)
-        super().clear()
-        self._token = self._meta = self._expires = None
+            self._dead_tokens += (self._token,)
+        dict.clear(self)
+        self._token = self._meta = self._expires = self._base = None
         self._remember, self._remember_changed = None, False
-        self._loaded, self._put, self._removed = {}, {}, set()
-        self._cleared = self._renewed = False
+        self._put = self._removed = self._touched = None
+        self._cleared = self._touched_all = False
         self._destroyed = True
 
-    # -- what a commit needs --------------------------------------------------------------------------------
 
-    def _changes(self) -> tuple[dict[str, str], frozenset[str]]:
-        """The keys to write (encoded) and the keys to remove. A list or dict value changed in place since
-        it was loaded counts as written: such changes are found by encoding it again."""
-        get = super().__getitem__
-        put = {key: text if text is not None else codec.encode_value(get(key)) for key, text in self._put.items()}
-        for key, text in self._loaded.items():
-            if key not in put and super().__contains__(key) and type(get(key)) in (list, dict):
-                now = codec.encode_value(get(key))
-                if now != text:
-                    put[key] = now
-        return put, frozenset(self._removed)
-
-    def _encoded(self) -> dict[str, str]:
-        """Every key, encoded: the whole session, for a new record."""
-        return {key: codec.encode_value(value) for key, value in super().items()}
+_MUTABLE = (list, dict)

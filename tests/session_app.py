@@ -146,5 +146,5 @@ def make_store(kind: str, path: str, clock: FakeClock | None = None, **db_option
 def make_app(store: Store, clock: FakeClock | None = None, **options: Any) -> SessionMiddleware:
     middleware = SessionMiddleware(Starlette(routes=ROUTES), store=store, **options)
     if clock:
-        middleware._clock = clock
+        middleware.lifecycle.clock = clock
     return middleware

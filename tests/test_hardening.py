@@ -149,7 +149,7 @@ def test_a_tampered_stored_session_loads_fresh_with_a_warning(tmp_path: Path, ca
     key_len = int.from_bytes(data[offset + 6 : offset + 8], "little")
     value_len = int.from_bytes(data[offset + 8 : offset + 12], "little")
     value = bytes(data[body + key_len : body + key_len + value_len])
-    forged = value.replace(b'"d":{', b'"d":{"x":"\\u0000bogus",', 1).replace(b'"v":1', b'"v":9', 1)
+    forged = value.replace(b'"d":{', b'"d":{"x":"\\u0000bogus",', 1).replace(b'"v":2', b'"v":9', 1)
     assert len(forged) != len(value)
     record = data[offset : body + key_len] + forged
     record[8:12] = len(forged).to_bytes(4, "little")

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from buntsession import Session, SessionTypeError, Status
-from buntsession.codec import Meta, Update, apply_update, decode_record, decode_value, encode_record, encode_value
+from buntsession.codec import MAX_RECORD_SIZE, Meta, decode_record, decode_value, encode_record, encode_value
+from buntsession.merge import Update, apply_update
 
 KINDS: list[tuple[str, Any, Any, Any]] = [
     # (type name, a value of it, its default, a value of another type)
@@ -114,7 +115,7 @@ def test_reads_mark_the_session_accessed() -> None:
 
 def test_frozen_session_refuses_changes() -> None:
     session = Session(a=1)
-    session._freeze("read-only here")
+    session.freeze("read-only here")
     for change in (lambda s: s.__setitem__("b", 1), lambda s: s.put_int("b", 1), lambda s: s.clear(),
                    lambda s: s.pop("a"), lambda s: s.destroy(), lambda s: s.renew_token(),
                    lambda s: s.remember_me(True), lambda s: s.popitem()):
@@ -135,40 +136,100 @@ def test_lifecycle_metadata() -> None:
     assert session.status is Status.MODIFIED and session.status == "modified"
 
 
-times = st.datetimes(timezones=st.one_of(st.none(), st.just(UTC),
-                                        st.builds(timezone, st.timedeltas(timedelta(hours=-23), timedelta(hours=23)))))
+offsets = st.timedeltas(timedelta(hours=-23), timedelta(hours=23))
+times = st.datetimes(timezones=st.one_of(st.none(), st.just(UTC), st.builds(timezone, offsets)))
+text = st.text(st.characters(exclude_categories=["Cs"]))  # valid Unicode: no lone surrogates
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
     max_leaves=20,
 )
 values = json_like | st.binary() | times
 
 
+def keepable(value: Any) -> bool:
+    """Whether a session keeps `value`: all of `values` but datetimes whose UTC offset has sub-second parts."""
+    offset = value.utcoffset() if isinstance(value, datetime) else None
+    return offset is None or not offset.microseconds
+
+
 @given(values)
-def test_every_value_comes_back_with_its_exact_type(value: Any) -> None:
-    back = decode_value(encode_value(value))
-    assert back == value or (isinstance(value, float) and math.isnan(value))
-    assert type(back) is type(value)
-    if isinstance(value, datetime):
-        assert back.utcoffset() == value.utcoffset()
+def test_every_value_comes_back_with_its_exact_type_or_is_refused_at_assignment(value: Any) -> None:
+    session = Session()
+    if not keepable(value):
+        with pytest.raises(TypeError, match="sub-second"):
+            session["k"] = value
+        assert "k" not in session
+        return
+    session["k"] = value
+    for back in (decode_value(encode_value(value)), decode_record(encode_record(Meta(1.0, 2.0), {"k": value}))[1]["k"]):
+        assert back == value
+        assert type(back) is type(value)
+        if isinstance(value, datetime):
+            assert back.utcoffset() == value.utcoffset()
 
 
-@given(st.dictionaries(st.text(), values, max_size=6))
-def test_record_round_trip_and_merge(data: dict[str, Any]) -> None:
+@given(st.dictionaries(text, values.filter(keepable), max_size=6), st.dictionaries(text, values.filter(keepable),
+                                                                                    max_size=3))
+def test_record_round_trip_and_merge(data: dict[str, Any], mine: dict[str, Any]) -> None:
     meta = Meta(created=1.5, end=100.0, remember=True)
-    record = encode_record(meta, {k: encode_value(v) for k, v in data.items()})
-    meta_back, encoded = decode_record(record)
-    assert meta_back == meta
-    assert {k: decode_value(v) for k, v in encoded.items()} == data
-    merged = apply_update(record, Update(put={"new": encode_value(1)}, removed=frozenset(data)))
+    record = encode_record(meta, data)
+    assert decode_record(record) == (meta, data)
+    # Unchanged since loaded: the request's view is written whole.
+    theirs = {**data, **mine}
+    update = Update(theirs, meta, 100.0, base=record, put=set(mine))
+    assert apply_update(record, update) == encode_record(meta, theirs)
+    # Written meanwhile by another request: only this request's keys go onto what is stored.
+    other = encode_record(meta, {"other": 1})
+    merged = apply_update(other, update)
     assert merged is not None
-    assert decode_record(merged)[1] == {"new": "j1"}
-    assert apply_update(None, Update(put={"x": "s"})) is None  # gone sessions are never recreated
+    assert decode_record(merged)[1] == {"other": 1, **mine}
+    assert apply_update(None, update) is None  # gone sessions are never recreated
 
 
-@pytest.mark.parametrize("garbage", [b"", b"not json", b"[]", b'{"v": 2}', b'{"v":1,"c":1,"e":2,"r":null,"d":{"k":5}}',
-                                     b'{"v":1,"c":"x","e":2,"r":null,"d":{}}', b"\xff\xfe", b"[" * 100000])
+def test_a_record_of_format_one_is_still_read() -> None:
+    when = datetime(2026, 11, 30, 9, 30, tzinfo=UTC)
+    old = json.dumps({"v": 1, "c": 1.0, "e": 2.0, "r": None, "d": {
+        "s": "shi", "n": "j2", "o": 'j{"a":[1]}', "b": "bAP8=", "t": "t" + when.isoformat()}}).encode()
+    assert decode_record(old) == (Meta(1.0, 2.0), {"s": "hi", "n": 2, "o": {"a": [1]}, "b": b"\x00\xff", "t": when})
+
+
+@pytest.mark.parametrize("bad", ["\ud800", "ok \udfff", ["\ud800"], {"k": "\ud800"}, {"\ud800": 1}])
+def test_a_lone_surrogate_is_refused_at_assignment_at_any_depth(bad: Any) -> None:
+    session = Session()
+    for assign in (lambda: session.__setitem__("k", bad), lambda: session.update(k=bad),
+                   lambda: session.put_object("k", bad) if not isinstance(bad, str) else session.put_string("k", bad)):
+        with pytest.raises(TypeError, match="surrogate"):
+            assign()
+    with pytest.raises(TypeError, match="surrogate"):
+        session["\ud800"] = 1
+    assert dict(session) == {} and not session.modified
+
+
+def test_a_datetime_whose_offset_has_sub_second_parts_is_refused() -> None:
+    odd = datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=1, microseconds=5)))
+    session = Session()
+    with pytest.raises(TypeError, match="sub-second"):
+        session.put_time("t", odd)
+    seconds = datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=1, seconds=5)))
+    session.put_time("t", seconds)  # whole seconds come back exactly
+    assert decode_value(encode_value(seconds)).utcoffset() == timedelta(hours=1, seconds=5)
+
+
+def test_a_value_too_large_for_any_store_is_refused_at_assignment() -> None:
+    session = Session()
+    with pytest.raises(ValueError, match="size limit"):
+        session.put_bytes("big", bytes(MAX_RECORD_SIZE // 4 * 3 + 1))
+    with pytest.raises(ValueError, match="size limit"):
+        session.put_string("big", "x" * (MAX_RECORD_SIZE + 1))
+    assert "big" not in session
+
+
+@pytest.mark.parametrize("garbage", [
+    b"", b"not json", b"[]", b'{"v": 2}', b'{"v": 3, "c": 1, "e": 2, "r": null, "d": {}}',
+    b'{"v":2,"c":1,"e":2,"r":null,"d":{"k":5},"t":{"k":"b"}}', b'{"v":2,"c":1,"e":2,"r":null,"d":{"k":1e999}}',
+    b'{"v":1,"c":1,"e":2,"r":null,"d":{"k":5}}', b'{"v":1,"c":"x","e":2,"r":null,"d":{}}', b"\xff\xfe", b"[" * 100000,
+])
 def test_undecodable_records_raise_value_error(garbage: bytes) -> None:
     with pytest.raises(ValueError):
         decode_record(garbage)

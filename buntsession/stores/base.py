@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from buntsession.codec import Update
+from buntsession.merge import Update
 
 __all__ = ["SessionStore", "Store"]
 
@@ -27,12 +27,14 @@ class Store(Protocol):
 
 @runtime_checkable
 class SessionStore(Store, Protocol):
-    """The calls the middleware uses where a store offers them.
+    """The calls the middleware uses. The shipped stores offer them; a plain `Store` gets them from an
+    adapter (`buntsession.stores.plain`), which cannot merge atomically nor move an idle deadline.
 
-    `merge` applies one request's changes onto the stored session atomically (concurrent requests keep
-    each other's keys) and returns False, writing nothing, when a session it may not create is gone.
-    `find_with_expiry` and `touch` serve the idle timeout: the store's expiry is the idle deadline, moved by
-    an expiry-only update. `sync` makes every change so far durable (logout must survive a power cut).
+    `find_with_expiry` gives the record and when the store will forget it. `merge` applies one request's
+    changes onto the stored session atomically (concurrent requests keep each other's keys; see
+    `buntsession.merge.apply_update`) and returns False, writing nothing, when a session it may not create
+    is gone. `touch` moves only the expiry (the idle deadline). `sync` makes every change so far durable
+    (a logout must survive a power cut).
     """
 
     async def find_with_expiry(self, key: str) -> tuple[bytes, float] | None: ...

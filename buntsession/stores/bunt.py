@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from types import TracebackType
 
-from buntsession.codec import Update, apply_update
 from buntsession.engine import DB
+from buntsession.merge import Update, apply_update
 
 __all__ = ["BuntStore"]
-
-logger = logging.getLogger("buntsession")
 
 
 class BuntStore:
@@ -49,13 +46,11 @@ class BuntStore:
         await self.db.delete(self.prefix + key)
 
     async def merge(self, key: str, update: Update) -> bool:
+        expires_at = update.expires_at
+
         def change(stored: bytes | None) -> tuple[bytes, float] | None:
-            try:
-                merged = apply_update(stored, update)
-            except ValueError:
-                logger.warning("stored session %s… is unreadable: a concurrent change was dropped", key[:8])
-                return None
-            return None if merged is None else (merged, update.expires_at)
+            merged = apply_update(stored, update)
+            return None if merged is None else (merged, expires_at)
 
         return await self.db.update(self.prefix + key, change)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from buntsession.codec import Update, apply_update
+from buntsession.merge import Update, apply_update
 
 __all__ = ["MemoryStore"]
 

@@ -1,0 +1,173 @@
+"""A session's life across one request, with no ASGI in sight: load it by token, decide at commit what the
+request writes and which cookie goes with it, and end the sessions it destroyed or renewed.
+
+    lifecycle = Lifecycle(store, max_age=14 * 24 * 3600)
+    session = await lifecycle.load(token)          # a fresh empty Session when the token finds nothing
+    ...                                            # the app reads and changes it
+    cookie = await lifecycle.commit(session, ok=True)
+
+`commit` returns what the cookie must say, or None when it need not be sent:
+
+- nothing changed (reads, and list or dict values read but not changed in place): nothing is written;
+- a new session with data (or one renewed or destroyed and given data again): it is created under its
+  token, and the cookie carries that token;
+- changes to a stored session: merged into what is stored (see `buntsession.merge`); the cookie is sent
+  only when remember-me or the whole session (`clear()`) changed, since its token and end did not;
+- destroyed: its record is deleted, durably, and the cookie expired. Renewed: the old record is deleted,
+  durably, and the data stored under the new token.
+
+Changes to a session that was destroyed or renewed meanwhile by another request are dropped and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from buntsession.codec import MAX_RECORD_SIZE, Meta, decode_record
+from buntsession.errors import StoreError
+from buntsession.merge import Update
+from buntsession.session import Session, new_token, store_key
+from buntsession.stores.base import SessionStore, Store
+from buntsession.stores.plain import session_store
+
+__all__ = ["BROWSER_SESSION_KEEP", "CookieChange", "Lifecycle"]
+
+logger = logging.getLogger("buntsession")
+
+BROWSER_SESSION_KEEP = 14 * 24 * 3600
+"""How long the server keeps a session whose cookie ends with the browser session (max_age=None)."""
+
+
+class CookieChange(NamedTuple):
+    """What the response's cookie must say."""
+
+    token: str | None
+    """The token to send; None expires the cookie (the session was destroyed)."""
+    meta: Meta | None
+    """The session's metadata (its end and remember-me choice set the cookie's lifetime)."""
+
+
+EXPIRE_COOKIE = CookieChange(None, None)
+
+
+class Lifecycle:
+    """Loads and commits sessions in one store. See the module docstring."""
+
+    def __init__(self, store: Store, max_age: int | None, idle_timeout: float | None = None) -> None:
+        self.store: SessionStore = session_store(store)
+        if idle_timeout is not None and self.store is not store:
+            raise ValueError("idle_timeout needs a store with find_with_expiry() and touch() (the shipped ones have)")
+        self.max_age = max_age
+        self.idle_timeout = idle_timeout
+        self.clock: Callable[[], float] = time.time
+
+    async def load(self, token: str | None) -> Session:
+        """The live session stored under `token`, or a fresh empty one. Never adopts a client's token: one
+        that finds nothing (unknown, expired, ended, undecodable) gives a session without a token."""
+        if token is None:
+            return Session()
+        key = store_key(token)
+        found = await self.store.find_with_expiry(key)
+        if found is None:
+            return Session()
+        record, expires = found
+        try:
+            meta, values = decode_record(record)
+        except ValueError:
+            logger.warning("a stored session could not be decoded (tampered with?); starting a fresh one")
+            return Session()
+        now = self.clock()
+        if meta.end <= now or expires <= now:
+            return Session()  # ended (the store's clock may lag ours): never served
+        if self.idle_timeout is not None:
+            deadline = min(meta.end, now + self.idle_timeout)
+            if deadline - expires >= self.idle_timeout / 10:  # move it, but not on every request
+                try:
+                    if await self.store.touch(key, deadline):
+                        expires = deadline
+                except StoreError:
+                    logger.warning("could not move the idle deadline of a session", exc_info=True)
+        return Session.restore(token, record, meta, values, expires)
+
+    async def commit(self, session: Session, ok: bool, resend: bool = False) -> CookieChange | None:
+        """Store what the request did to `session`; return the cookie to send, or None.
+
+        `ok` is False for a response of 500 or more: then nothing is written but a destroy(). `resend`
+        asks for the cookie of a stored session even when nothing else would send it (to re-sign it with
+        the current key). Raises StoreError when the store fails or the session cannot be stored.
+        """
+        pending = session.pending(always=resend)
+        if pending is None:
+            return None
+        cookie = None
+        if pending.dead_tokens and (ok or pending.destroyed):
+            await self.end(pending.dead_tokens)
+            if pending.destroyed:
+                cookie = EXPIRE_COOKIE
+        if not ok:
+            return cookie
+        now = self.clock()
+        meta = pending.meta
+        if meta is None:  # a new session, or one renewed or destroyed by this request
+            if not pending.data:
+                return cookie  # an empty new session is never stored
+            new = pending.token or new_token()
+            keep = self.max_age if self.max_age is not None else BROWSER_SESSION_KEEP
+            meta = Meta(now, now + keep, pending.remember)
+            if keep > 0:
+                expires = self._expiry(meta, now)
+                await self._write(store_key(new), Update(pending.data, meta, expires, create=True))
+                session.stored(new, meta, expires)
+            return CookieChange(new, meta)
+
+        token = pending.token
+        assert token is not None
+        if pending.remember_changed:
+            meta = Meta(meta.created, meta.end, pending.remember)
+        expires = self._expiry(meta, now)
+        update = Update(pending.data, meta, expires, base=pending.base, put=pending.put, touched=pending.touched,
+                        removed=pending.removed, cleared=pending.cleared, meta_changed=pending.remember_changed)
+        if not (pending.put or pending.removed or pending.cleared or pending.remember_changed) \
+                and (not pending.touched or self._encode(update) == pending.base):
+            return CookieChange(token, meta) if resend else None  # values were read, none changed in place
+        if not await self._write(store_key(token), update):
+            logger.warning("changes to a session that was destroyed or renewed meanwhile were dropped")
+            return None
+        session.stored(token, meta, expires)
+        return CookieChange(token, meta) if resend or pending.remember_changed or pending.cleared else None
+
+    async def end(self, tokens: tuple[str, ...]) -> None:
+        """Delete the sessions of `tokens` and make that durable: a logout must survive a power cut."""
+        for token in tokens:
+            await self.store.delete(store_key(token))
+        await self.store.sync()
+
+    async def _write(self, key: str, update: Update) -> bool:
+        size = len(self._encode(update))
+        if size > MAX_RECORD_SIZE:
+            raise StoreError(f"a session of {size:,} bytes is over the limit of {MAX_RECORD_SIZE:,} bytes; "
+                             "nothing was stored")
+        return await self.store.merge(key, update)
+
+    @staticmethod
+    def _encode(update: Update) -> bytes:
+        try:
+            return update.record()
+        except (TypeError, ValueError) as exc:
+            # Assigned values were checked; this is a list or dict changed in place to hold what a session
+            # cannot keep (a set, a NaN, an object).
+            raise StoreError(f"a session value changed in place cannot be stored: {exc}") from exc
+
+    def _expiry(self, meta: Meta, now: float) -> float:
+        """When the store may forget the session: the earlier of its end and its idle deadline."""
+        return meta.end if self.idle_timeout is None else min(meta.end, now + self.idle_timeout)
+
+
+def lifetime(meta: Meta, default_persistent: bool, now: float) -> int | None:
+    """Seconds a cookie for `meta` should live (Max-Age), or None for a browser-session cookie."""
+    persistent = meta.remember if meta.remember is not None else default_persistent
+    return max(0, math.ceil(meta.end - now)) if persistent else None
