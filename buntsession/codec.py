@@ -27,7 +27,6 @@ import base64
 import binascii
 import json
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -138,7 +137,8 @@ if _c_encoder is not None:
     def _encode_data(data: dict[str, Any]) -> str:
         return "".join(_encode_fast(data, 0))
 else:  # pragma: no cover  (an interpreter without json's C accelerator)
-    _encode_data = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_refuse).encode
+    _encode_data = json.JSONEncoder(  # type: ignore[assignment]
+        separators=(",", ":"), allow_nan=False, default=_refuse).encode
 
 
 def _finite_float(text: str) -> float:
@@ -154,18 +154,13 @@ def _no_constant(text: str) -> None:
 
 _DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
 _decode_json = _DECODER.decode
-# Floats parsed in C; only a text with an exponent of three digits or more, which may overflow to an
-# infinity, goes through the checking decoder above.
-_scan_fast = json.JSONDecoder(parse_constant=_no_constant).scan_once
-_BIG_EXPONENT = re.compile(r"[eE]\+?[0-9]{3}").search
+_scan: Any = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner, without JSONDecoder.decode's whitespace handling around it
 
 
 def _decode_whole(text: str) -> Any:
     """One JSON value that is the whole of `text`. ValueError otherwise."""
-    if _BIG_EXPONENT(text) is not None:
-        return _decode_json(text)
     try:
-        value, end = _scan_fast(text, 0)
+        value, end = _scan(text, 0)
     except StopIteration:
         end = -1
     if end != len(text):

@@ -25,12 +25,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from buntsession.codec import MAX_RECORD_SIZE, Meta, decode_record
 from buntsession.errors import StoreError
 from buntsession.merge import Update
-from buntsession.session import Session, new_token, store_key
+from buntsession.session import Session, fingerprint, new_token, store_key, thaw
 from buntsession.stores.base import SessionStore, Store
 from buntsession.stores.plain import session_store
 
@@ -40,6 +40,27 @@ logger = logging.getLogger("buntsession")
 
 BROWSER_SESSION_KEEP = 14 * 24 * 3600
 """How long the server keeps a session whose cookie ends with the browser session (max_age=None)."""
+
+
+DECODED_SESSIONS = 4096
+"""How many sessions' decoded records a lifecycle keeps, the most recently loaded or written."""
+
+
+class _Decoded(NamedTuple):
+    """A record and what it decodes to. Loading the same record again copies the lists and dicts from
+    their marshal fingerprints (several times faster than parsing JSON) and shares the immutable values;
+    the fingerprints then tell at commit which lists and dicts the request changed in place. A store
+    that returns other bytes for the key (a write since, by any process) makes this entry useless, never
+    wrong: it is used only for a record equal to its own."""
+
+    record: bytes
+    meta: Meta
+    items: tuple[tuple[str, Any, bytes | None], ...]
+    """(key, value, None) for an immutable value, (key, None, fingerprint) for a list or dict."""
+    pristine: dict[str, bytes]
+
+    def thaw(self) -> dict[str, Any]:
+        return {key: value if blob is None else thaw(blob) for key, value, blob in self.items}
 
 
 class CookieChange(NamedTuple):
@@ -64,6 +85,7 @@ class Lifecycle:
         self.max_age = max_age
         self.idle_timeout = idle_timeout
         self.clock: Callable[[], float] = time.time
+        self._decoded: dict[str, _Decoded] = {}
 
     async def load(self, token: str | None) -> Session:
         """The live session stored under `token`, or a fresh empty one. Never adopts a client's token: one
@@ -75,11 +97,16 @@ class Lifecycle:
         if found is None:
             return Session()
         record, expires = found
-        try:
-            meta, values = decode_record(record)
-        except ValueError:
-            logger.warning("a stored session could not be decoded (tampered with?); starting a fresh one")
-            return Session()
+        known = self._decoded.get(key)
+        if known is not None and known.record == record:  # the same object, mostly: no bytes compared
+            meta, values = known.meta, known.thaw()
+        else:
+            try:
+                meta, values = decode_record(record)
+            except ValueError:
+                logger.warning("a stored session could not be decoded (tampered with?); starting a fresh one")
+                return Session()
+            known = self._remember(key, record, meta, values)
         now = self.clock()
         if meta.end <= now or expires <= now:
             return Session()  # ended (the store's clock may lag ours): never served
@@ -91,7 +118,7 @@ class Lifecycle:
                         expires = deadline
                 except StoreError:
                     logger.warning("could not move the idle deadline of a session", exc_info=True)
-        return Session.restore(token, record, meta, values, expires)
+        return Session.restore(token, record, meta, values, expires, known.pristine)
 
     async def commit(self, session: Session, ok: bool, resend: bool = False) -> CookieChange | None:
         """Store what the request did to `session`; return the cookie to send, or None.
@@ -120,7 +147,10 @@ class Lifecycle:
             meta = Meta(now, now + keep, pending.remember)
             if keep > 0:
                 expires = self._expiry(meta, now)
-                await self._write(store_key(new), Update(pending.data, meta, expires, create=True))
+                key = store_key(new)
+                update = Update(pending.data, meta, expires, create=True)
+                await self._write(key, update)
+                self._remember(key, update.record(), meta, pending.data)
                 session.stored(new, meta, expires)
             return CookieChange(new, meta)
 
@@ -129,21 +159,24 @@ class Lifecycle:
         if pending.remember_changed:
             meta = Meta(meta.created, meta.end, pending.remember)
         expires = self._expiry(meta, now)
-        update = Update(pending.data, meta, expires, base=pending.base, put=pending.put, touched=pending.touched,
-                        removed=pending.removed, cleared=pending.cleared, meta_changed=pending.remember_changed)
-        if not (pending.put or pending.removed or pending.cleared or pending.remember_changed) \
-                and (not pending.touched or self._encode(update) == pending.base):
-            return CookieChange(token, meta) if resend else None  # values were read, none changed in place
-        if not await self._write(store_key(token), update):
+        if not (pending.put or pending.removed or pending.cleared or pending.remember_changed):
+            return CookieChange(token, meta) if resend else None  # nothing changed: only a re-signed cookie
+        key = store_key(token)
+        update = Update(pending.data, meta, expires, base=pending.base, put=pending.put, removed=pending.removed,
+                        cleared=pending.cleared, meta_changed=pending.remember_changed)
+        if not await self._write(key, update):
             logger.warning("changes to a session that was destroyed or renewed meanwhile were dropped")
             return None
+        self._remember(key, update.record(), meta, pending.data)
         session.stored(token, meta, expires)
         return CookieChange(token, meta) if resend or pending.remember_changed or pending.cleared else None
 
     async def end(self, tokens: tuple[str, ...]) -> None:
         """Delete the sessions of `tokens` and make that durable: a logout must survive a power cut."""
         for token in tokens:
-            await self.store.delete(store_key(token))
+            key = store_key(token)
+            self._decoded.pop(key, None)
+            await self.store.delete(key)
         await self.store.sync()
 
     async def _write(self, key: str, update: Update) -> bool:
@@ -152,6 +185,27 @@ class Lifecycle:
             raise StoreError(f"a session of {size:,} bytes is over the limit of {MAX_RECORD_SIZE:,} bytes; "
                              "nothing was stored")
         return await self.store.merge(key, update)
+
+    def _remember(self, key: str, record: bytes, meta: Meta, values: dict[str, Any]) -> _Decoded:
+        """Keep what `record` decodes to, so the next load of it decodes nothing (see `_Decoded`)."""
+        items: list[tuple[str, Any, bytes | None]] = []
+        pristine: dict[str, bytes] = {}
+        for name, value in values.items():
+            if type(value) is list or type(value) is dict:
+                blob = fingerprint(value)
+                if blob is None:
+                    return _Decoded(b"", meta, (), {})  # not JSON-like (changed in place): keep nothing
+                items.append((name, None, blob))
+                pristine[name] = blob
+            else:
+                items.append((name, value, None))
+        known = _Decoded(record, meta, tuple(items), pristine)
+        cache = self._decoded
+        cache.pop(key, None)
+        if len(cache) >= DECODED_SESSIONS:
+            del cache[next(iter(cache))]  # the oldest: first in, first out
+        cache[key] = known
+        return known
 
     @staticmethod
     def _encode(update: Update) -> bytes:

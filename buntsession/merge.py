@@ -13,7 +13,7 @@ import logging
 from collections.abc import Set
 from typing import Any
 
-from buntsession.codec import Meta, decode_record, encode_record, encode_value
+from buntsession.codec import Meta, decode_record, encode_record, reusable_head
 
 __all__ = ["Update", "apply_update"]
 
@@ -23,8 +23,8 @@ logger = logging.getLogger("buntsession")
 class Update:
     """One request's changes to a session, for a store to apply atomically onto what it holds."""
 
-    __slots__ = ("_changed", "_record", "base", "cleared", "create", "data", "expires_at", "meta", "meta_changed",
-                 "put", "removed", "touched")
+    __slots__ = ("_record", "base", "cleared", "create", "data", "expires_at", "meta", "meta_changed", "put",
+                 "removed")
 
     def __init__(
         self,
@@ -35,7 +35,6 @@ class Update:
         create: bool = False,
         base: bytes | None = None,
         put: Set[str] = frozenset(),
-        touched: Set[str] = frozenset(),
         removed: Set[str] = frozenset(),
         cleared: bool = False,
         meta_changed: bool = False,
@@ -53,42 +52,28 @@ class Update:
         self.base = base
         """The record as the request loaded it (None for a new session)."""
         self.put = put
-        """Keys the request assigned."""
-        self.touched = touched
-        """Keys whose list or dict value the request was handed, and so may have changed in place."""
+        """Keys the request assigned or changed in place."""
         self.removed = removed
         self.cleared = cleared
         """Drop every stored key before applying the request's own."""
         self.meta_changed = meta_changed
         """Whether `meta` differs from what was loaded (remember-me changed)."""
         self._record = record
-        self._changed: dict[str, Any] | None = None
 
     def record(self) -> bytes:
-        """The whole session as the request leaves it, encoded once."""
+        """The whole session as the request leaves it, encoded once. TypeError or ValueError for a value
+        that cannot be kept (only a list or dict changed in place can hold one)."""
         if self._record is None:
-            self._record = encode_record(self.meta, self.data)
+            head = reusable_head(self.base) if self.base is not None and not self.meta_changed else None
+            self._record = encode_record(self.meta, self.data, head)
         return self._record
 
     def changed(self) -> dict[str, Any]:
-        """The keys this request set or changed in place, with their values. For a new session, all of them.
-
-        A list or dict the request was handed counts when its encoding differs from the loaded one, so a
-        value changed in place is found and one merely read is not."""
-        if self._changed is None:
-            data = self.data
-            if self.create or self.base is None:
-                changed = dict(data)
-            else:
-                changed = {key: data[key] for key in self.put if key in data}
-                maybe = [key for key in self.touched if key not in changed and key in data]
-                if maybe:
-                    loaded = decode_record(self.base)[1]
-                    for key in maybe:
-                        if key not in loaded or encode_value(data[key]) != encode_value(loaded[key]):
-                            changed[key] = data[key]
-            self._changed = changed
-        return self._changed
+        """The keys this request set or changed in place, with their values; for a new session, all."""
+        data = self.data
+        if self.create or self.base is None:
+            return dict(data)
+        return {key: data[key] for key in self.put if key in data}
 
 
 def apply_update(stored: bytes | None, update: Update) -> bytes | None:

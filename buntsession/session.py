@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import marshal
 import secrets
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -23,7 +24,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from buntsession.codec import Meta, check_key, check_value
 from buntsession.errors import SessionTypeError
 
-__all__ = ["Pending", "Session", "Status", "new_token", "store_key"]
+__all__ = ["Pending", "Session", "Status", "fingerprint", "new_token", "store_key", "thaw"]
 
 _T = TypeVar("_T")
 _D = TypeVar("_D")
@@ -38,6 +39,21 @@ def new_token() -> str:
 def store_key(token: str) -> str:
     """The store key of a token: its SHA-256, so a copy of the store hands out no live session."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def fingerprint(value: Any) -> bytes | None:
+    """Bytes that change whenever a JSON-like `value` changes, its types included (1, 1.0 and True differ):
+    marshal's format 2, which has no back-references, so equal values give equal bytes. Kept in memory only,
+    never stored or read from outside. None for a value marshal cannot take (it is not JSON-like)."""
+    try:
+        return marshal.dumps(value, 2)
+    except ValueError:
+        return None
+
+
+def thaw(blob: bytes) -> Any:
+    """A new copy of the value whose `fingerprint` is `blob`."""
+    return marshal.loads(blob)
 
 
 class Status(enum.StrEnum):
@@ -60,8 +76,7 @@ class Pending(NamedTuple):
     data: dict[str, Any]
     """Every key and value now, as a plain dict."""
     put: Set[str]
-    touched: Set[str]
-    """Keys whose list or dict value was handed out: they may have changed in place."""
+    """Keys assigned, and keys whose list or dict value was changed in place."""
     removed: Set[str]
     cleared: bool
     remember: bool | None
@@ -154,8 +169,9 @@ class Session(dict[str, Any]):
     _remember_changed: bool = False
     _put: set[str] | None = None
     _removed: set[str] | None = None
-    _touched: set[str] | None = None
+    _touched: set[str] | None = None  # keys whose list or dict value was handed out
     _touched_all: bool = False
+    _pristine: Mapping[str, bytes] | None = None  # fingerprints of the lists and dicts as loaded
     _cleared: bool = False
     _destroyed: bool = False
     _dead_tokens: tuple[str, ...] = ()
@@ -164,26 +180,34 @@ class Session(dict[str, Any]):
     # -- what the lifecycle uses -----------------------------------------------------------------------------
 
     @classmethod
-    def restore(cls, token: str, record: bytes, meta: Meta, values: dict[str, Any], expires: float) -> Session:
-        """The session stored under `token`: `values` and `meta` decoded from `record`."""
+    def restore(cls, token: str, record: bytes, meta: Meta, values: dict[str, Any], expires: float,
+                pristine: Mapping[str, bytes]) -> Session:
+        """The session stored under `token`: `values` and `meta` decoded from `record`; `pristine` holds the
+        `fingerprint` of each list or dict value, to tell at commit which were changed in place."""
         session = cls(values)
         session._token, session._meta, session._base = token, meta, record
-        session._expires, session._remember = expires, meta.remember
+        session._expires, session._remember, session._pristine = expires, meta.remember, pristine
         return session
 
     def pending(self, always: bool = False) -> Pending | None:
-        """What a commit must do; None, unless `always`, when the request neither changed the session nor
-        was handed a value it could have changed in place."""
+        """What a commit must do; None, unless `always`, when the request changed nothing (lists and dicts
+        it was handed are compared with what was loaded)."""
         if not (always or self.modified or self._touched is not None or self._touched_all):
             return None
         data = dict.copy(self)
-        if self._touched_all:
-            touched: Set[str] = {key for key, value in data.items() if type(value) in _MUTABLE}
-        else:
-            touched = self._touched or frozenset()
-        return Pending(self._token, self._meta, self._base, data, self._put or frozenset(), touched,
-                       self._removed or frozenset(), self._cleared, self._remember, self._remember_changed,
-                       self._destroyed, self._dead_tokens)
+        put = set(self._put) if self._put else set()
+        if self._touched is not None or self._touched_all:
+            pristine = self._pristine or {}
+            keys = [key for key, value in data.items() if type(value) in _MUTABLE] if self._touched_all \
+                else self._touched or ()
+            for key in keys:
+                if key not in put and key in data and fingerprint(data[key]) != pristine.get(key):
+                    put.add(key)
+        removed: Set[str] = self._removed or frozenset()
+        if not (always or put or removed or self._cleared or self._remember_changed or self._dead_tokens):
+            return None
+        return Pending(self._token, self._meta, self._base, data, put, removed, self._cleared, self._remember,
+                       self._remember_changed, self._destroyed, self._dead_tokens)
 
     def stored(self, token: str, meta: Meta, expires: float) -> None:
         """Record that the commit stored the session under `token`."""
