@@ -1,6 +1,8 @@
 """The README's example: a FastAPI app with server-side sessions on the embedded engine.
 
-Run it from the checkout:  .venv/bin/uvicorn examples.app:app
+Run it from the checkout:  .venv/bin/uvicorn examples.app:app   (or with --workers 4: it just works)
+Sessions are kept in ./sessions.db, the default store (BUNTSESSION_PATH names another file); uvicorn's log
+says where when it starts.
 Then, keeping the cookie between calls:
     curl -c jar -b jar localhost:8000/put
     curl -c jar -b jar localhost:8000/get              -> "Hello world!"
@@ -14,15 +16,11 @@ import os
 
 from fastapi import FastAPI, Request
 
-from buntsession import DB, BuntStore, SessionMiddleware
+from buntsession import SessionMiddleware
 from buntsession.fastapi import SessionDep
 
 app = FastAPI()
-app.add_middleware(
-    SessionMiddleware,
-    store=BuntStore(DB(os.environ.get("EXAMPLE_DB", "sessions.db"))),
-    secret_key=os.environ.get("SESSION_SECRET", "change-me"),
-)
+app.add_middleware(SessionMiddleware, secret_key=os.environ.get("SESSION_SECRET", "change-me"))
 
 
 @app.get("/put")

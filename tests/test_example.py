@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def serve(db_path: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "EXAMPLE_DB": db_path}
+    env = {**os.environ, "BUNTSESSION_PATH": db_path}
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "examples.app:app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],

@@ -160,6 +160,9 @@ def test_signed_cookies_reject_forgeries_and_rotate_keys() -> None:
     for cookie in forged:
         assert TestClient(rotated, cookies={"session": cookie}).get("/get").json() == {}
     assert TestClient(make_app(store, secret_key="new"), cookies={"session": signed}).get("/get").json() == {}
+    read_only = TestClient(rotated, cookies={"session": signed}).get("/get")
+    assert token_of(read_only).split(".")[0] == token  # a read re-signs too, so the old key can go
+    assert "set-cookie" not in TestClient(rotated, cookies={"session": token_of(read_only)}).get("/get").headers
     resigned = token_of(TestClient(rotated, cookies={"session": signed}).get("/put?b=2"))
     assert resigned != signed  # a change re-signs with the first key
     assert TestClient(make_app(store, secret_key="new"), cookies={"session": resigned}).get("/get").json() == {
@@ -410,7 +413,9 @@ def test_store_failures_give_503_and_reads_keep_working(tmp_path: Path, caplog: 
     assert "Traceback" not in failed.text
     assert client.get("/get").status_code == 200  # the DB refuses writes, reads go on
     assert client.get("/put?c=3").status_code == 503  # until it is reopened
-    assert any(r.levelno == logging.ERROR and "session store failed" in r.getMessage() for r in caplog.records)
+    per_request = [r for r in caplog.records if r.levelno >= logging.ERROR and r.module == "middleware"]
+    assert len(per_request) == 2  # one line for each failed request, no traceback
+    assert all("session store failed" in r.getMessage() and r.exc_info is None for r in per_request)
 
 
 def test_logout_is_fsynced_before_the_response_under_everysec(tmp_path: Path) -> None:
@@ -504,3 +509,58 @@ def test_cookie_dates_are_formatted_as_the_standard_library_does() -> None:
     rng = random.Random(3)
     for moment in [0.0, 951782400.0, *(rng.uniform(0, 4e9) for _ in range(2000))]:
         assert _http_date(moment) == email.utils.formatdate(moment, usegmt=True)
+
+
+@pytest.mark.parametrize("spelling", ["Lax", "LAX", "lax", "Strict", "NONE"])
+def test_same_site_takes_every_spelling_starlette_takes(spelling: str) -> None:
+    client = TestClient(make_app(MemoryStore(), same_site=spelling), base_url="https://testserver")
+    assert f"; samesite={spelling.lower()}" in client.get("/put?a=1").headers["set-cookie"]
+    with pytest.raises(ValueError, match="same_site"):
+        make_app(MemoryStore(), same_site="sideways")
+
+
+def test_a_lone_surrogate_from_a_json_body_is_refused_at_assignment(store_kind: str, tmp_path: Path) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def save(request: Any) -> JSONResponse:
+        data = await request.json()  # JSON's "\ud800" escape gives a str no UTF-8 can hold
+        try:
+            request.session.update(data)
+        except TypeError as exc:
+            return JSONResponse(str(exc), status_code=400)
+        return JSONResponse("saved")
+
+    store = make_store(store_kind, str(tmp_path / "s.db"))
+    client = TestClient(SessionMiddleware(Starlette(routes=[Route("/save", save, methods=["POST"])]), store=store))
+    assert client.post("/save", json={"ok": "fine"}).json() == "saved"
+    for body in ('{"k": "\\ud800"}', '{"k": ["a", {"b": "\\udfff"}]}', '{"\\ud800": 1}'):
+        response = client.post("/save", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "surrogate" in response.json()
+        assert "set-cookie" not in response.headers
+    assert records(store) == 1
+
+
+def test_a_session_over_the_size_limit_is_a_503_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from buntsession.codec import MAX_RECORD_SIZE
+
+    async def big(request: Any) -> PlainTextResponse:
+        with pytest.raises(ValueError, match="size limit"):  # one value too large: refused at assignment
+            request.session.put_bytes("huge", bytes(70 * 1024 * 1024))
+        for name in ("x", "y"):  # each fits, together they do not: refused at commit
+            request.session.put_bytes(name, bytes(MAX_RECORD_SIZE // 8 * 3))
+        return PlainTextResponse("ok")
+
+    store = MemoryStore()
+    client = TestClient(SessionMiddleware(Starlette(routes=[Route("/big", big)]), store=store))
+    with caplog.at_level(logging.ERROR, logger="buntsession"):
+        response = client.get("/big")
+    assert response.status_code == 503 and "set-cookie" not in response.headers
+    [line] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "over the limit" in line.getMessage() and line.exc_info is None
+    assert len(store) == 0
