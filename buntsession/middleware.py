@@ -23,14 +23,13 @@ from buntsession.engine import DB
 from buntsession.errors import Error, FileLockedError
 from buntsession.lifecycle import CookieChange, Lifecycle
 from buntsession.session import Session
-from buntsession.signing import SIGNATURE_LENGTH, CookieSigner
+from buntsession.signing import CookieSigner
 from buntsession.stores import BuntStore, Store
 
 __all__ = ["SessionMiddleware"]
 
 logger = logging.getLogger("buntsession")
 
-_TOKEN_FORM = re.compile(rb"[A-Za-z0-9_-]{43}")
 _EXPIRED = "expires=Thu, 01 Jan 1970 00:00:00 GMT"
 _UNAVAILABLE = b"Service Unavailable: the session store is not available"
 _FROZEN = "the session was changed after the response started; the change is not stored"
@@ -75,7 +74,11 @@ class SessionMiddleware:
             "; partitioned" if partitioned else ""
         )
         self.signer = CookieSigner(secret_key) if secret_key is not None else None
-        self._find_cookie = re.compile(rb"(?:^|;)[ \t]*" + re.escape(session_cookie.encode()) + rb"=([^;]*)").search
+        # The first cookie of the name decides: its value, when it has the form of a token (plain) or of a
+        # token and a signature (signed); the groups are None for any other value.
+        form = rb"([A-Za-z0-9_-]{43})" if self.signer is None else rb"([A-Za-z0-9_-]{43})\.([A-Za-z0-9_-]{43})"
+        self._find_cookie = re.compile(
+            rb"(?:^|;)[ \t]*" + re.escape(session_cookie.encode()) + rb"=(?:" + form + rb"[ \t]*(?=;|$))?").search
         self.store: Store = store if store is not None else _default_store()
         self.lifecycle = Lifecycle(self.store, max_age, idle_timeout)
         self._opened = False
@@ -177,17 +180,12 @@ class SessionMiddleware:
             found = self._find_cookie(value)
             if found is None:
                 continue
-            candidate: bytes = found[1].rstrip(b" \t")
-            signer = self.signer
-            if signer is None:
-                if len(candidate) == 43 and _TOKEN_FORM.fullmatch(candidate):
-                    return candidate.decode("ascii"), False
+            token = found[1]
+            if token is None:
                 return None, False
-            if len(candidate) != 44 + SIGNATURE_LENGTH or candidate[43:44] != b"." \
-                    or not _TOKEN_FORM.fullmatch(candidate, 0, 43) or not _TOKEN_FORM.fullmatch(candidate, 44):
-                return None, False
-            token = candidate[:43]
-            key = signer.verify(token, candidate[44:])
+            if self.signer is None:
+                return token.decode("ascii"), False
+            key = self.signer.verify(token, found[2])
             if key is None:
                 return None, False
             return token.decode("ascii"), key > 0

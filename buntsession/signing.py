@@ -8,10 +8,11 @@ every one verifies, and a value verified by a later key is reported as such, so 
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import itsdangerous
 from starlette.datastructures import Secret
@@ -23,6 +24,19 @@ SIGNATURE_LENGTH = 43
 """Characters of an unpadded URL-safe base64 SHA-256 digest."""
 
 
+def _python_mac(key: bytes, digestmod: str) -> Any:
+    return hmac.new(key, digestmod=digestmod)
+
+
+try:  # OpenSSL's HMAC object itself: copying it skips the pure-Python wrapper of hmac.HMAC.copy
+    from _hashlib import hmac_new
+
+    _mac: Callable[..., Any] = hmac_new
+except ImportError:  # pragma: no cover  (a Python built without OpenSSL's hashlib)
+    _mac = _python_mac
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 class CookieSigner:
     """Signs and verifies `token.signature` values with one or more keys."""
 
@@ -31,15 +45,14 @@ class CookieSigner:
         if not keys or not all(keys):
             raise ValueError("secret_key must be a non-empty key or a list of them")
         self._macs = [
-            hmac.new(itsdangerous.Signer(key, salt=SALT, digest_method=hashlib.sha256).derive_key(),
-                     digestmod=hashlib.sha256)
+            _mac(itsdangerous.Signer(key, salt=SALT, digest_method=hashlib.sha256).derive_key(), digestmod="sha256")
             for key in keys
         ]
 
     def _signature(self, index: int, value: bytes) -> bytes:
         mac = self._macs[index].copy()
         mac.update(value)
-        return base64.urlsafe_b64encode(mac.digest())[:SIGNATURE_LENGTH]
+        return binascii.b2a_base64(mac.digest(), newline=False)[:SIGNATURE_LENGTH].translate(_TO_URLSAFE)
 
     def sign(self, token: str) -> str:
         """`token` and its signature by the first key."""

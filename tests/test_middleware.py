@@ -564,3 +564,25 @@ def test_a_session_over_the_size_limit_is_a_503_with_one_log_line(caplog: pytest
     [line] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "over the limit" in line.getMessage() and line.exc_info is None
     assert len(store) == 0
+
+
+def test_the_first_cookie_of_the_name_decides_and_only_in_its_exact_form() -> None:
+    store = MemoryStore()
+    app = make_app(store, secret_key="k")
+    client = TestClient(app)
+    client.get("/put?a=1")
+    good = client.cookies["session"]
+    token, signature = good.split(".")
+    cases = {
+        f"session={good}": {"a": "1"},
+        f"other=1; session={good}  ; more=2": {"a": "1"},  # spaces around a value are not part of it
+        f"xsession=junk; session={good}": {"a": "1"},  # another cookie whose name ends alike
+        f"session={good}x": {},
+        f"session={good[:-1]}": {},
+        f"session={token}": {},  # unsigned, where a signature is required
+        f'session="{good}"': {},
+        f"session=junk; session={good}": {},  # the first one decides
+        f"session={token}.{signature.lower()}": {} if signature != signature.lower() else {"a": "1"},
+    }
+    for header, expected in cases.items():
+        assert TestClient(app, headers={"cookie": header}).get("/get").json() == expected, header
