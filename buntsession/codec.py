@@ -75,7 +75,11 @@ def check_json_like(value: object, depth: int = 0) -> None:
     if kind is str:
         _check_text(value)  # type: ignore[arg-type]
         return
-    if kind is int or kind is bool or value is None:
+    if kind is int:
+        if value.bit_length() > _CHECKED_INT_BITS:  # type: ignore[attr-defined]
+            _check_digits(value)  # type: ignore[arg-type]
+        return
+    if kind is bool or value is None:
         return
     if kind is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
@@ -96,6 +100,18 @@ def check_json_like(value: object, depth: int = 0) -> None:
         return
     where = "" if depth == 0 else " inside a list or dict (bytes and datetime may only stand on their own)"
     raise UnkeepableValue(f"a session cannot keep a {kind.__name__} with its exact type{where}")
+
+
+_CHECKED_INT_BITS = 2_000
+"""Below this many bits an int has fewer digits (603) than the lowest limit Python allows on int-to-text
+conversion (640, sys.set_int_max_str_digits)."""
+
+
+def _check_digits(number: int) -> None:
+    try:
+        str(number)
+    except ValueError:  # over sys.get_int_max_str_digits(): JSON could not write it, nor read it back
+        raise UnkeepableValue(f"an int of {number.bit_length()} bits has too many digits to keep") from None
 
 
 def check_key(key: object) -> None:

@@ -216,6 +216,16 @@ def test_a_datetime_whose_offset_has_sub_second_parts_is_refused() -> None:
     assert decode_value(encode_value(seconds)).utcoffset() == timedelta(hours=1, seconds=5)
 
 
+def test_an_int_with_more_digits_than_python_converts_is_refused_at_assignment() -> None:
+    session = Session()
+    with pytest.raises(ValueError, match="too many digits"):
+        session.put_int("n", 10**5000)
+    with pytest.raises(ValueError, match="too many digits"):
+        session["l"] = [1, {"x": -(10**5000)}]
+    session.put_int("n", 2**9999)  # large, but within the limit: kept
+    assert decode_record(encode_record(Meta(1.0, 2.0), dict(session)))[1] == {"n": 2**9999}
+
+
 def test_a_value_too_large_for_any_store_is_refused_at_assignment() -> None:
     session = Session()
     with pytest.raises(ValueError, match="size limit"):
