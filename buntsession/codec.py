@@ -135,8 +135,9 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _encode_json = _ENCODER.encode
 
 
-class _Standalone(Exception):
-    """A bytes or datetime value met while encoding: the record needs its type tags."""
+class _Standalone(TypeError):
+    """A bytes or datetime value met while encoding: the record needs its type tags. A TypeError, since
+    met again on the tagged attempt it is one inside a list or dict, which no record can keep."""
 
 
 def _refuse(value: object) -> object:

@@ -25,12 +25,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from buntsession.codec import MAX_RECORD_SIZE, Meta, decode_record
 from buntsession.errors import StoreError
 from buntsession.merge import Update
-from buntsession.session import Session, fingerprint, new_token, store_key, thaw
+from buntsession.session import Pending, Session, fingerprint, new_token, store_key, thaw
 from buntsession.stores.base import SessionStore, Store
 from buntsession.stores.plain import session_store
 
@@ -61,6 +62,26 @@ class _Decoded(NamedTuple):
 
     def thaw(self) -> dict[str, Any]:
         return {key: value if blob is None else thaw(blob) for key, value, blob in self.items}
+
+
+def _decoded(record: bytes, meta: Meta, values: dict[str, Any]) -> _Decoded:
+    """The cache entry of `record`, which holds `values`: datetimes as decoding gives them back (a fixed
+    UTC offset, fold 0), so a load served from the cache equals one served from the store."""
+    items: list[tuple[str, Any, bytes | None]] = []
+    pristine: dict[str, bytes] = {}
+    for name, value in values.items():
+        kind = type(value)
+        if kind is list or kind is dict:
+            blob = fingerprint(value)
+            if blob is None:
+                return _Decoded(b"", meta, (), {})  # not JSON-like: keep nothing (never equals a record)
+            items.append((name, None, blob))
+            pristine[name] = blob
+        elif kind is datetime:
+            items.append((name, datetime.fromisoformat(value.isoformat()), None))
+        else:
+            items.append((name, value, None))
+    return _Decoded(record, meta, tuple(items), pristine)
 
 
 class CookieChange(NamedTuple):
@@ -106,7 +127,8 @@ class Lifecycle:
             except ValueError:
                 logger.warning("a stored session could not be decoded (tampered with?); starting a fresh one")
                 return Session()
-            known = self._remember(key, record, meta, values)
+            known = _decoded(record, meta, values)
+            self._keep(key, known)
         now = self.clock()
         if meta.end <= now or expires <= now:
             return Session()  # ended (the store's clock may lag ours): never served
@@ -127,49 +149,88 @@ class Lifecycle:
         asks for the cookie of a stored session even when nothing else would send it (to re-sign it with
         the current key). Raises StoreError when the store fails or the session cannot be stored.
         """
-        pending = session.pending(always=resend)
+        try:
+            pending = session.pending(always=resend)
+        except (TypeError, ValueError, RecursionError) as exc:
+            # Assigned values were checked then; a list or dict was changed in place since.
+            raise StoreError(f"a session value changed in place cannot be stored: {exc}") from exc
         if pending is None:
             return None
-        cookie = None
-        if pending.dead_tokens and (ok or pending.destroyed):
-            await self.end(pending.dead_tokens)
-            if pending.destroyed:
-                cookie = EXPIRE_COOKIE
+        if pending.destroyed:
+            if pending.dead_tokens:
+                await self.end(pending.dead_tokens)
+            if not ok or not pending.data:
+                return EXPIRE_COOKIE
+            return await self._create(session, pending)  # given data again after destroy(): a new session
         if not ok:
-            return cookie
-        now = self.clock()
-        meta = pending.meta
-        if meta is None:  # a new session, or one renewed or destroyed by this request
-            if not pending.data:
-                return cookie  # an empty new session is never stored
-            new = pending.token or new_token()
-            keep = self.max_age if self.max_age is not None else BROWSER_SESSION_KEEP
-            meta = Meta(now, now + keep, pending.remember)
-            if keep > 0:
-                expires = self._expiry(meta, now)
-                key = store_key(new)
-                update = Update(pending.data, meta, expires, create=True)
-                await self._write(key, update)
-                self._remember(key, update.record(), meta, pending.data)
-                session.stored(new, meta, expires)
-            return CookieChange(new, meta)
+            return None
+        if pending.dead_tokens:
+            return await self._renew(session, pending)
+        if pending.meta is None:
+            return await self._create(session, pending) if pending.data else None
+        return await self._update(session, pending, resend)
 
-        token = pending.token
-        assert token is not None
+    async def _create(self, session: Session, pending: Pending, data: dict[str, Any] | None = None,
+                      token: str | None = None) -> CookieChange:
+        """Store a new session under its token (a new one when it has none)."""
+        now = self.clock()
+        new = token or pending.token or new_token()
+        keep = self.max_age if self.max_age is not None else BROWSER_SESSION_KEEP
+        meta = Meta(now, now + keep, pending.remember)
+        if keep > 0:  # else a session that has already ended: a cookie that says so, nothing stored
+            expires = self._expiry(meta, now)
+            key = store_key(new)
+            update = Update(pending.data if data is None else data, meta, expires, create=True)
+            await self._write(key, update)
+            session.stored(new, meta, expires)
+        return CookieChange(new, meta)
+
+    async def _update(self, session: Session, pending: Pending, resend: bool) -> CookieChange | None:
+        """Merge the request's changes into the stored session."""
+        token, meta = pending.token, pending.meta
+        assert token is not None and meta is not None
         if pending.remember_changed:
             meta = Meta(meta.created, meta.end, pending.remember)
-        expires = self._expiry(meta, now)
+        expires = self._expiry(meta, self.clock())
         if not (pending.put or pending.removed or pending.cleared or pending.remember_changed):
             return CookieChange(token, meta) if resend else None  # nothing changed: only a re-signed cookie
-        key = store_key(token)
         update = Update(pending.data, meta, expires, base=pending.base, put=pending.put, removed=pending.removed,
                         cleared=pending.cleared, meta_changed=pending.remember_changed)
-        if not await self._write(key, update):
+        if not await self._write(store_key(token), update):
             logger.warning("changes to a session that was destroyed or renewed meanwhile were dropped")
             return None
-        self._remember(key, update.record(), meta, pending.data)
         session.stored(token, meta, expires)
         return CookieChange(token, meta) if resend or pending.remember_changed or pending.cleared else None
+
+    async def _renew(self, session: Session, pending: Pending) -> CookieChange | None:
+        """Move the stored session to the session's new token, with the request's changes: first merged into
+        the old record (so what other requests stored meanwhile is kept), then the whole of it stored under
+        the new token, then the old token ended. A session ended meanwhile (a logout in another request)
+        stays ended: the request's changes are dropped and logged, and no new token is issued."""
+        old = pending.dead_tokens[-1]
+        old_key = store_key(old)
+        base_meta = pending.base_meta
+        assert base_meta is not None and pending.token is not None
+        update = Update(pending.data, base_meta, base_meta.end, base=pending.base, put=pending.put,
+                        removed=pending.removed, cleared=pending.cleared)
+        found = await self.store.find_with_expiry(old_key) if await self._write(old_key, update) else None
+        if found is None:
+            logger.warning("a session that was destroyed or renewed meanwhile was not renewed; its changes were "
+                           "dropped")
+            return None
+        try:
+            values = decode_record(found[0])[1]
+        except ValueError:
+            values = {}
+        change = None
+        if values:
+            change = await self._create(session, pending, values, pending.token)
+            if await self.store.find_with_expiry(old_key) is None:  # ended while we copied it: so is the copy
+                await self.end((pending.token,))
+                logger.warning("a session that was destroyed meanwhile was not renewed")
+                return None
+        await self.end((old,))
+        return change if change is not None else EXPIRE_COOKIE
 
     async def end(self, tokens: tuple[str, ...]) -> None:
         """Delete the sessions of `tokens` and make that durable: a logout must survive a power cut."""
@@ -180,38 +241,30 @@ class Lifecycle:
         await self.store.sync()
 
     async def _write(self, key: str, update: Update) -> bool:
-        size = len(self._encode(update))
-        if size > MAX_RECORD_SIZE:
-            raise StoreError(f"a session of {size:,} bytes is over the limit of {MAX_RECORD_SIZE:,} bytes; "
+        """Merge `update` into the store; on success, keep what was written for the next load of it."""
+        record = self._encode(update)
+        if len(record) > MAX_RECORD_SIZE:
+            raise StoreError(f"a session of {len(record):,} bytes is over the limit of {MAX_RECORD_SIZE:,} bytes; "
                              "nothing was stored")
-        return await self.store.merge(key, update)
+        # Taken before the store is awaited: other tasks may change the lists and dicts meanwhile.
+        known = _decoded(record, update.meta, update.data)
+        if not await self.store.merge(key, update):
+            return False
+        self._keep(key, known)
+        return True
 
-    def _remember(self, key: str, record: bytes, meta: Meta, values: dict[str, Any]) -> _Decoded:
-        """Keep what `record` decodes to, so the next load of it decodes nothing (see `_Decoded`)."""
-        items: list[tuple[str, Any, bytes | None]] = []
-        pristine: dict[str, bytes] = {}
-        for name, value in values.items():
-            if type(value) is list or type(value) is dict:
-                blob = fingerprint(value)
-                if blob is None:
-                    return _Decoded(b"", meta, (), {})  # not JSON-like (changed in place): keep nothing
-                items.append((name, None, blob))
-                pristine[name] = blob
-            else:
-                items.append((name, value, None))
-        known = _Decoded(record, meta, tuple(items), pristine)
+    def _keep(self, key: str, known: _Decoded) -> None:
         cache = self._decoded
         cache.pop(key, None)
         if len(cache) >= DECODED_SESSIONS:
             del cache[next(iter(cache))]  # the oldest: first in, first out
         cache[key] = known
-        return known
 
     @staticmethod
     def _encode(update: Update) -> bytes:
         try:
             return update.record()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             # Assigned values were checked; this is a list or dict changed in place to hold what a session
             # cannot keep (a set, a NaN, an object).
             raise StoreError(f"a session value changed in place cannot be stored: {exc}") from exc

@@ -41,7 +41,7 @@ class SessionMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        secret_key: str | Secret | Sequence[str | Secret] | None = None,
+        secret_key: str | bytes | Secret | Sequence[str | bytes | Secret] | None = None,
         session_cookie: str = "session",
         max_age: int | None = 14 * 24 * 60 * 60,  # 14 days, in seconds
         path: str = "/",
@@ -142,10 +142,10 @@ class SessionMiddleware:
         headers = message.get("headers")
         if type(headers) is not list:
             headers = message["headers"] = list(headers or ())
-        if session.accessed:
-            _add_vary_cookie(headers)
         session.freeze(_FROZEN)
         change = await self.lifecycle.commit(session, ok=message["status"] < 500, resend=resign)
+        if session.accessed or change is not None:  # a response that sets a cookie must not be shared either
+            _add_vary_cookie(headers)
         if change is not None:
             headers.append((b"set-cookie", self._cookie(scope, change).encode("latin-1")))
             for name, _ in headers:
@@ -278,7 +278,8 @@ class SessionMiddleware:
 def _add_vary_cookie(headers: list[tuple[bytes, bytes]]) -> None:
     for i, (name, value) in enumerate(headers):
         if name.lower() == b"vary":
-            if b"cookie" not in value.lower() and value.strip() != b"*":
+            fields = {field.strip() for field in value.lower().split(b",")}
+            if b"cookie" not in fields and b"*" not in fields:
                 headers[i] = (name, value + b", Cookie")
             return
     headers.append((b"vary", b"Cookie"))

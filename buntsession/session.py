@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from buntsession.codec import Meta, check_key, check_value
+from buntsession.codec import Meta, UnkeepableValue, check_key, check_value
 from buntsession.errors import SessionTypeError
 
 __all__ = ["Pending", "Session", "Status", "fingerprint", "new_token", "store_key", "thaw"]
@@ -72,7 +72,9 @@ class Pending(NamedTuple):
     meta: Meta | None
     """The stored session's metadata; None when it is not stored under `token` (new, renewed, destroyed)."""
     base: bytes | None
-    """The record as loaded, when `meta` is not None."""
+    """The record as loaded (None for a session not loaded, or destroyed); kept through renew_token()."""
+    base_meta: Meta | None
+    """The metadata as loaded, with `base`."""
     data: dict[str, Any]
     """Every key and value now, as a plain dict."""
     put: Set[str]
@@ -113,7 +115,10 @@ def _only(cls: type[_T]) -> Callable[[Any], _T]:
 
 def _accept_float(value: Any) -> float:
     if type(value) is int:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise UnkeepableValue(f"the int {value.bit_length()} bits long is too large for a float") from None
     return _only(float)(value)
 
 
@@ -163,7 +168,9 @@ class Session(dict[str, Any]):
     modified: bool = False
     _token: str | None = None
     _meta: Meta | None = None  # None until the session is stored (and again after renew or destroy)
-    _base: bytes | None = None  # the record as loaded
+    _base: bytes | None = None  # the record as loaded (kept through renew_token, for its merge)
+    _base_meta: Meta | None = None
+    _assigned: dict[str, bytes | None] | None = None  # fingerprints of lists and dicts when assigned
     _expires: float | None = None  # when the store will forget it (the earlier of its end and idle deadline)
     _remember: bool | None = None
     _remember_changed: bool = False
@@ -185,29 +192,37 @@ class Session(dict[str, Any]):
         """The session stored under `token`: `values` and `meta` decoded from `record`; `pristine` holds the
         `fingerprint` of each list or dict value, to tell at commit which were changed in place."""
         session = cls(values)
-        session._token, session._meta, session._base = token, meta, record
+        session._token, session._meta, session._base, session._base_meta = token, meta, record, meta
         session._expires, session._remember, session._pristine = expires, meta.remember, pristine
         return session
 
     def pending(self, always: bool = False) -> Pending | None:
         """What a commit must do; None, unless `always`, when the request changed nothing (lists and dicts
-        it was handed are compared with what was loaded)."""
+        it was handed are compared with what was loaded).
+
+        Raises UnkeepableValue (a TypeError) when a list or dict was changed in place, after it was loaded
+        or assigned, to hold what a session cannot keep: a tuple, a set, a datetime inside it, itself."""
         if not (always or self.modified or self._touched is not None or self._touched_all):
             return None
         data = dict.copy(self)
         put = set(self._put) if self._put else set()
+        if self._assigned:
+            for key, blob in self._assigned.items():
+                if key in put and key in data and (blob is None or fingerprint(data[key]) != blob):
+                    check_value(data[key])  # assigned, then changed in place
         if self._touched is not None or self._touched_all:
             pristine = self._pristine or {}
             keys = [key for key, value in data.items() if type(value) in _MUTABLE] if self._touched_all \
                 else self._touched or ()
             for key in keys:
                 if key not in put and key in data and fingerprint(data[key]) != pristine.get(key):
+                    check_value(data[key])
                     put.add(key)
         removed: Set[str] = self._removed or frozenset()
         if not (always or put or removed or self._cleared or self._remember_changed or self._dead_tokens):
             return None
-        return Pending(self._token, self._meta, self._base, data, put, removed, self._cleared, self._remember,
-                       self._remember_changed, self._destroyed, self._dead_tokens)
+        return Pending(self._token, self._meta, self._base, self._base_meta, data, put, removed, self._cleared,
+                       self._remember, self._remember_changed, self._destroyed, self._dead_tokens)
 
     def stored(self, token: str, meta: Meta, expires: float) -> None:
         """Record that the commit stored the session under `token`."""
@@ -236,6 +251,10 @@ class Session(dict[str, Any]):
         if self._put is None:
             self._put = set()
         self._put.add(key)
+        if type(value) in _MUTABLE:  # it may be changed in place before the commit: checked again then
+            if self._assigned is None:
+                self._assigned = {}
+            self._assigned[key] = fingerprint(value)
         if self._removed is not None:
             self._removed.discard(key)
 
@@ -328,7 +347,7 @@ class Session(dict[str, Any]):
         self.mark_modified()
         dict.clear(self)
         self._cleared = True
-        self._put = self._removed = self._touched = None
+        self._put = self._removed = self._touched = self._assigned = None
         self._touched_all = False
 
     def pop(self, key: str, default: Any = _MISSING) -> Any:
@@ -501,7 +520,7 @@ class Session(dict[str, Any]):
         if self._meta is not None and self._token is not None:
             self._dead_tokens += (self._token,)
         self._token = new_token()
-        self._meta = self._expires = self._base = None
+        self._meta = self._expires = None
 
     def destroy(self) -> None:
         """End the session: its record is deleted (even if the request then fails) and its cookie expired.
@@ -510,9 +529,9 @@ class Session(dict[str, Any]):
         if self._meta is not None and self._token is not None:
             self._dead_tokens += (self._token,)
         dict.clear(self)
-        self._token = self._meta = self._expires = self._base = None
+        self._token = self._meta = self._expires = self._base = self._base_meta = None
         self._remember, self._remember_changed = None, False
-        self._put = self._removed = self._touched = None
+        self._put = self._removed = self._touched = self._assigned = None
         self._cleared = self._touched_all = False
         self._destroyed = True
 

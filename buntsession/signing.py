@@ -40,8 +40,14 @@ _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 class CookieSigner:
     """Signs and verifies `token.signature` values with one or more keys."""
 
-    def __init__(self, secret_key: str | Secret | Sequence[str | Secret]) -> None:
-        keys = [str(secret_key)] if isinstance(secret_key, str | Secret) else [str(k) for k in secret_key]
+    def __init__(self, secret_key: str | bytes | Secret | Sequence[str | bytes | Secret]) -> None:
+        given: list[object] = [secret_key] if isinstance(secret_key, str | bytes | Secret) else list(secret_key)
+        keys: list[str | bytes] = []
+        for key in given:
+            if not isinstance(key, str | bytes | Secret):
+                # A bytes-like or other iterable taken for a list would make each of its items a key.
+                raise TypeError("secret_key must be a str, bytes or Secret, or a list of them")
+            keys.append(key if isinstance(key, bytes) else str(key))
         if not keys or not all(keys):
             raise ValueError("secret_key must be a non-empty key or a list of them")
         self._macs = [
