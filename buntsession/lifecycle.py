@@ -22,7 +22,6 @@ Changes to a session that was destroyed or renewed meanwhile by another request 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -272,9 +271,3 @@ class Lifecycle:
     def _expiry(self, meta: Meta, now: float) -> float:
         """When the store may forget the session: the earlier of its end and its idle deadline."""
         return meta.end if self.idle_timeout is None else min(meta.end, now + self.idle_timeout)
-
-
-def lifetime(meta: Meta, default_persistent: bool, now: float) -> int | None:
-    """Seconds a cookie for `meta` should live (Max-Age), or None for a browser-session cookie."""
-    persistent = meta.remember if meta.remember is not None else default_persistent
-    return max(0, math.ceil(meta.end - now)) if persistent else None
