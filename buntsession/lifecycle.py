@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from buntsession.codec import MAX_RECORD_SIZE, Meta, decode_record
 from buntsession.errors import StoreError
 from buntsession.merge import Update
+from buntsession.migration import Import, hide_token, import_marker, reveal_token
 from buntsession.session import Session, fingerprint, new_token, store_key, thaw
 from buntsession.stores.base import SessionStore, Store
 from buntsession.stores.plain import session_store
@@ -120,13 +121,45 @@ class Lifecycle:
                     logger.warning("could not move the idle deadline of a session", exc_info=True)
         return Session.restore(token, record, meta, values, expires, known.pristine)
 
-    async def commit(self, session: Session, ok: bool, resend: bool = False) -> CookieChange | None:
+    async def adopt(self, cookie: bytes, data: dict[str, Any], until: float) -> tuple[Session, Import | None]:
+        """The session of a request whose cookie is a valid Starlette cookie (`cookie`, holding `data`,
+        valid until the unix time `until`).
+
+        The first time: a new session holding `data`, not stored yet, and the `Import` to pass to `commit`,
+        which stores the session under a new token and leaves a marker. Later (the same cookie again, from
+        a request that overlapped the first or from a replay): the session the cookie became, as `load`
+        gives it (fresh and empty once that session has ended or been renewed), and None; a stored one
+        must be given its cookie (`commit(..., resend=True)`).
+        """
+        if not data:
+            return Session(), None
+        marker, pad = import_marker(cookie)
+        found = await self.store.find_with_expiry(marker)
+        if found is not None:
+            try:
+                _, values = decode_record(found[0])
+            except ValueError:
+                values = {}
+            return await self.load(reveal_token(values.get("t"), pad)), None
+        session = Session()
+        session.update(data)
+        return session, Import(marker, pad, until)
+
+    async def commit(self, session: Session, ok: bool, resend: bool = False,
+                     imported: Import | None = None) -> CookieChange | None:
         """Store what the request did to `session`; return the cookie to send, or None.
 
         `ok` is False for a response of 500 or more: then nothing is written but a destroy(). `resend`
         asks for the cookie of a stored session even when nothing else would send it (to re-sign it with
-        the current key). Raises StoreError when the store fails or the session cannot be stored.
+        the current key). `imported`, from `adopt`, leaves the marker of the Starlette cookie the session
+        came from once the session is stored (or once the request ended it). Raises StoreError when the
+        store fails or the session cannot be stored.
         """
+        if imported is not None:
+            change = await self.commit(session, ok, resend)
+            if ok:
+                await self._mark_import(imported, session.token if session.expires_at is not None else None)
+            return change
         pending = session.pending(always=resend)
         if pending is None:
             return None
@@ -178,6 +211,17 @@ class Lifecycle:
             self._decoded.pop(key, None)
             await self.store.delete(key)
         await self.store.sync()
+
+    async def _mark_import(self, imported: Import, token: str | None) -> None:
+        """Leave the marker of an imported Starlette cookie: written after the session it became, so that
+        a crash in between costs at most a second import of the same data, never a lost session. It
+        lives as long as the cookie would have been valid, pointing at the session's token (hidden) or,
+        when the request stored nothing, at none."""
+        now = self.clock()
+        if imported.until <= now:
+            return
+        data = {} if token is None else {"t": hide_token(token, imported.pad)}
+        await self.store.merge(imported.marker, Update(data, Meta(now, imported.until), imported.until, create=True))
 
     async def _write(self, key: str, update: Update) -> bool:
         size = len(self._encode(update))
