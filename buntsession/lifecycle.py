@@ -21,10 +21,11 @@ Changes to a session that was destroyed or renewed meanwhile by another request 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from buntsession.codec import MAX_RECORD_SIZE, Meta, decode_record
@@ -34,6 +35,7 @@ from buntsession.migration import Import, hide_token, import_marker, reveal_toke
 from buntsession.session import Session, fingerprint, new_token, store_key, thaw
 from buntsession.stores.base import SessionStore, Store
 from buntsession.stores.plain import session_store
+from buntsession.users import UserSessions
 
 __all__ = ["BROWSER_SESSION_KEEP", "CookieChange", "Lifecycle"]
 
@@ -42,6 +44,13 @@ logger = logging.getLogger("buntsession")
 BROWSER_SESSION_KEEP = 14 * 24 * 3600
 """How long the server keeps a session whose cookie ends with the browser session (max_age=None)."""
 
+
+ACTIVITY_INTERVAL = 300.0
+"""Seconds between updates of a user's session's last-active time: a request that finds it older than
+this writes it (once; it moves the idle deadline too). Anonymous sessions never write for it."""
+
+USER_AGENT_LENGTH = 512
+"""The longest User-Agent kept for a session's listing (longer ones are cut)."""
 
 DECODED_SESSIONS = 4096
 """How many sessions' decoded records a lifecycle keeps, the most recently loaded or written."""
@@ -86,17 +95,25 @@ class Lifecycle:
         self.max_age = max_age
         self.idle_timeout = idle_timeout
         self.clock: Callable[[], float] = time.time
+        self.activity_interval = ACTIVITY_INTERVAL
+        self.users: UserSessions | None = self.store if isinstance(self.store, UserSessions) else None
+        """The store's user index, when it keeps one (the shipped stores do)."""
         self._decoded: dict[str, _Decoded] = {}
+
+    def _fresh(self) -> Session:
+        session = Session()
+        session._users = self.users
+        return session
 
     async def load(self, token: str | None) -> Session:
         """The live session stored under `token`, or a fresh empty one. Never adopts a client's token: one
         that finds nothing (unknown, expired, ended, undecodable) gives a session without a token."""
         if token is None:
-            return Session()
+            return self._fresh()
         key = store_key(token)
         found = await self.store.find_with_expiry(key)
         if found is None:
-            return Session()
+            return self._fresh()
         record, expires = found
         known = self._decoded.get(key)
         if known is not None and known.record == record:  # the same object, mostly: no bytes compared
@@ -106,12 +123,16 @@ class Lifecycle:
                 meta, values = decode_record(record)
             except ValueError:
                 logger.warning("a stored session could not be decoded (tampered with?); starting a fresh one")
-                return Session()
+                return self._fresh()
             known = self._remember(key, record, meta, values)
         now = self.clock()
         if meta.end <= now or expires <= now:
-            return Session()  # ended (the store's clock may lag ours): never served
-        if self.idle_timeout is not None:
+            return self._fresh()  # ended (the store's clock may lag ours): never served
+        if meta.user is not None and now - (meta.active or meta.created) >= self.activity_interval:
+            active = await self._activity(key, record, meta, values, now)
+            if active is not None:
+                record, meta, expires, known = active
+        elif self.idle_timeout is not None:
             deadline = min(meta.end, now + self.idle_timeout)
             if deadline - expires >= self.idle_timeout / 10:  # move it, but not on every request
                 try:
@@ -119,7 +140,26 @@ class Lifecycle:
                         expires = deadline
                 except StoreError:
                     logger.warning("could not move the idle deadline of a session", exc_info=True)
-        return Session.restore(token, record, meta, values, expires, known.pristine)
+        session = Session.restore(token, record, meta, values, expires, known.pristine)
+        session._users = self.users
+        return session
+
+    async def _activity(self, key: str, record: bytes, meta: Meta, values: dict[str, Any],
+                        now: float) -> tuple[bytes, Meta, float, _Decoded] | None:
+        """Write a user's session's last-active time (and move its idle deadline): one write, at most once
+        per `activity_interval`. None when the session is gone meanwhile or the write failed (logged: the
+        request goes on with the session as loaded)."""
+        meta = dataclasses.replace(meta, active=now)
+        expires = self._expiry(meta, now)
+        update = Update(values, meta, expires, base=record, meta_changed=True)
+        try:
+            if not await self._write(key, update):
+                return None
+        except StoreError:
+            logger.warning("could not record the activity of a session", exc_info=True)
+            return None
+        record = update.record()
+        return record, meta, expires, self._remember(key, record, meta, values)
 
     async def adopt(self, cookie: bytes, data: dict[str, Any], until: float) -> tuple[Session, Import | None]:
         """The session of a request whose cookie is a valid Starlette cookie (`cookie`, holding `data`,
@@ -132,7 +172,7 @@ class Lifecycle:
         must be given its cookie (`commit(..., resend=True)`).
         """
         if not data:
-            return Session(), None
+            return self._fresh(), None
         marker, pad = import_marker(cookie)
         found = await self.store.find_with_expiry(marker)
         if found is not None:
@@ -141,22 +181,23 @@ class Lifecycle:
             except ValueError:
                 values = {}
             return await self.load(reveal_token(values.get("t"), pad)), None
-        session = Session()
+        session = self._fresh()
         session.update(data)
         return session, Import(marker, pad, until)
 
-    async def commit(self, session: Session, ok: bool, resend: bool = False,
-                     imported: Import | None = None) -> CookieChange | None:
+    async def commit(self, session: Session, ok: bool, resend: bool = False, imported: Import | None = None,
+                     request_headers: Sequence[tuple[bytes, bytes]] = ()) -> CookieChange | None:
         """Store what the request did to `session`; return the cookie to send, or None.
 
         `ok` is False for a response of 500 or more: then nothing is written but a destroy(). `resend`
         asks for the cookie of a stored session even when nothing else would send it (to re-sign it with
         the current key). `imported`, from `adopt`, leaves the marker of the Starlette cookie the session
-        came from once the session is stored (or once the request ended it). Raises StoreError when the
-        store fails or the session cannot be stored.
+        came from once the session is stored (or once the request ended it). `request_headers` (ASGI's
+        list of name and value pairs) are read only for a login, for its User-Agent. Raises StoreError when
+        the store fails or the session cannot be stored.
         """
         if imported is not None:
-            change = await self.commit(session, ok, resend)
+            change = await self.commit(session, ok, resend, request_headers=request_headers)
             if ok:
                 await self._mark_import(imported, session.token if session.expires_at is not None else None)
             return change
@@ -165,7 +206,7 @@ class Lifecycle:
             return None
         cookie = None
         if pending.dead_tokens and (ok or pending.destroyed):
-            await self.end(pending.dead_tokens)
+            await self.end(pending.dead_tokens, pending.dead_user)
             if pending.destroyed:
                 cookie = EXPIRE_COOKIE
         if not ok:
@@ -173,15 +214,23 @@ class Lifecycle:
         now = self.clock()
         meta = pending.meta
         if meta is None:  # a new session, or one renewed or destroyed by this request
-            if not pending.data:
-                return cookie  # an empty new session is never stored
+            if not pending.data and pending.user is None:
+                return cookie  # an empty new session is never stored, unless it is a user's
             new = pending.token or new_token()
             keep = self.max_age if self.max_age is not None else BROWSER_SESSION_KEEP
-            meta = Meta(now, now + keep, pending.remember)
+            user = pending.user
+            if user is None:
+                meta = Meta(now, now + keep, pending.remember)
+            else:
+                agent = _user_agent(request_headers) if pending.login else pending.agent
+                meta = Meta(now, now + keep, pending.remember, user, agent, now)
             if keep > 0:
                 expires = self._expiry(meta, now)
                 key = store_key(new)
                 update = Update(pending.data, meta, expires, create=True)
+                if user is not None and self.users is not None:
+                    self._encode(update)  # a session that cannot be stored leaves no index entry either
+                    await self.users.bind_user(user, key, meta.end)  # before the record: never hidden
                 await self._write(key, update)
                 self._remember(key, update.record(), meta, pending.data)
                 session.stored(new, meta, expires)
@@ -190,7 +239,7 @@ class Lifecycle:
         token = pending.token
         assert token is not None
         if pending.remember_changed:
-            meta = Meta(meta.created, meta.end, pending.remember)
+            meta = dataclasses.replace(meta, remember=pending.remember)
         expires = self._expiry(meta, now)
         if not (pending.put or pending.removed or pending.cleared or pending.remember_changed):
             return CookieChange(token, meta) if resend else None  # nothing changed: only a re-signed cookie
@@ -204,13 +253,16 @@ class Lifecycle:
         session.stored(token, meta, expires)
         return CookieChange(token, meta) if resend or pending.remember_changed or pending.cleared else None
 
-    async def end(self, tokens: tuple[str, ...]) -> None:
-        """Delete the sessions of `tokens` and make that durable: a logout must survive a power cut."""
-        for token in tokens:
-            key = store_key(token)
+    async def end(self, tokens: tuple[str, ...], user: str | None = None) -> None:
+        """Delete the sessions of `tokens` and make that durable: a logout must survive a power cut. Then,
+        when they were bound to `user`, drop them from the user's index (after: never hidden)."""
+        keys = [store_key(token) for token in tokens]
+        for key in keys:
             self._decoded.pop(key, None)
             await self.store.delete(key)
         await self.store.sync()
+        if user is not None and self.users is not None:
+            await self.users.unbind_user(user, keys)
 
     async def _mark_import(self, imported: Import, token: str | None) -> None:
         """Leave the marker of an imported Starlette cookie: written after the session it became, so that
@@ -263,6 +315,14 @@ class Lifecycle:
     def _expiry(self, meta: Meta, now: float) -> float:
         """When the store may forget the session: the earlier of its end and its idle deadline."""
         return meta.end if self.idle_timeout is None else min(meta.end, now + self.idle_timeout)
+
+
+def _user_agent(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The request's User-Agent (the first), cut to USER_AGENT_LENGTH characters; None when it sent none."""
+    for name, value in headers:
+        if name.lower() == b"user-agent":
+            return value.decode("latin-1")[:USER_AGENT_LENGTH] or None
+    return None
 
 
 def lifetime(meta: Meta, default_persistent: bool, now: float) -> int | None:
