@@ -100,10 +100,11 @@ class Lifecycle:
         """The store's user index, when it keeps one (the shipped stores do)."""
         self._decoded: dict[str, _Decoded] = {}
 
-    def _fresh(self) -> Session:
-        session = Session()
-        session._users = self.users
-        return session
+        # The sessions this lifecycle hands out carry the store's user calls as a class attribute: a
+        # subclass per lifecycle, so that no request pays for handing them over.
+        self._session: type[Session] = Session if self.users is None else \
+            type("Session", (Session,), {"_users": self.users, "__module__": Session.__module__})
+        self._fresh = self._session
 
     async def load(self, token: str | None) -> Session:
         """The live session stored under `token`, or a fresh empty one. Never adopts a client's token: one
@@ -140,9 +141,7 @@ class Lifecycle:
                         expires = deadline
                 except StoreError:
                     logger.warning("could not move the idle deadline of a session", exc_info=True)
-        session = Session.restore(token, record, meta, values, expires, known.pristine)
-        session._users = self.users
-        return session
+        return self._session.restore(token, record, meta, values, expires, known.pristine)
 
     async def _activity(self, key: str, record: bytes, meta: Meta, values: dict[str, Any],
                         now: float) -> tuple[bytes, Meta, float, _Decoded] | None:
@@ -165,7 +164,8 @@ class Lifecycle:
         """The session of a request whose cookie is a valid Starlette cookie (`cookie`, holding `data`,
         valid until the unix time `until`).
 
-        The first time: a new session holding `data`, not stored yet, and the `Import` to pass to `commit`,
+        The first time: a new session holding `data`, not stored yet, and the `Import` to pass to
+        `commit_imported`,
         which stores the session under a new token and leaves a marker. Later (the same cookie again, from
         a request that overlapped the first or from a replay): the session the cookie became, as `load`
         gives it (fresh and empty once that session has ended or been renewed), and None; a stored one
@@ -185,22 +185,25 @@ class Lifecycle:
         session.update(data)
         return session, Import(marker, pad, until)
 
-    async def commit(self, session: Session, ok: bool, resend: bool = False, imported: Import | None = None,
+    async def commit_imported(self, session: Session, ok: bool, imported: Import,
+                              request_headers: Sequence[tuple[bytes, bytes]] = ()) -> CookieChange | None:
+        """`commit` for a session `adopt` made from a Starlette cookie: then, when the response is not a
+        failure, leave the cookie's marker, pointing at the session's token once it is stored (or at none
+        when the request stored nothing)."""
+        change = await self.commit(session, ok, False, request_headers)
+        if ok:
+            await self._mark_import(imported, session.token if session.expires_at is not None else None)
+        return change
+
+    async def commit(self, session: Session, ok: bool, resend: bool = False,
                      request_headers: Sequence[tuple[bytes, bytes]] = ()) -> CookieChange | None:
         """Store what the request did to `session`; return the cookie to send, or None.
 
         `ok` is False for a response of 500 or more: then nothing is written but a destroy(). `resend`
         asks for the cookie of a stored session even when nothing else would send it (to re-sign it with
-        the current key). `imported`, from `adopt`, leaves the marker of the Starlette cookie the session
-        came from once the session is stored (or once the request ended it). `request_headers` (ASGI's
-        list of name and value pairs) are read only for a login, for its User-Agent. Raises StoreError when
-        the store fails or the session cannot be stored.
+        the current key). `request_headers` (ASGI's list of name and value pairs) are read only for a
+        login, for its User-Agent. Raises StoreError when the store fails or the session cannot be stored.
         """
-        if imported is not None:
-            change = await self.commit(session, ok, resend, request_headers=request_headers)
-            if ok:
-                await self._mark_import(imported, session.token if session.expires_at is not None else None)
-            return change
         pending = session.pending(always=resend)
         if pending is None:
             return None

@@ -153,8 +153,10 @@ class SessionMiddleware:
         if session.accessed:
             _add_vary_cookie(headers)
         session.freeze(_FROZEN)
-        change = await self.lifecycle.commit(session, ok=message["status"] < 500, resend=resign, imported=imported,
-                                             request_headers=scope["headers"])
+        if imported is None:
+            change = await self.lifecycle.commit(session, message["status"] < 500, resign, scope["headers"])
+        else:
+            change = await self.lifecycle.commit_imported(session, message["status"] < 500, imported, scope["headers"])
         if change is not None:
             headers.append((b"set-cookie", self._cookie(scope, change).encode("latin-1")))
             for name, _ in headers:
