@@ -85,23 +85,26 @@ def newest_first(infos: list[SessionInfo]) -> list[SessionInfo]:
     return sorted(infos, key=lambda i: (i.last_active, i.created_at, i.id), reverse=True)
 
 
-# -- the index as one value (BuntStore): {"x": its expiry, "k": {store key: when added, ...}} --------------
+# -- the index as one value (BuntStore): {"x": its expiry, "k": {store key: [when added, end], ...}} -------
 
 
-def decode_index(value: bytes | None) -> tuple[float, dict[str, float]]:
-    """The expiry and entries of an index value; (0, {}) for none or one that cannot be read."""
+def decode_index(value: bytes | None) -> tuple[float, dict[str, tuple[float, float]]]:
+    """The expiry and entries (store key: when added, the session's end) of an index value; (0, {}) for
+    none or one that cannot be read."""
     if value is None:
         return 0.0, {}
     try:
         index = json.loads(value)
-        return float(index["x"]), {str(k): float(v) for k, v in index["k"].items()}
-    except (ValueError, TypeError, KeyError, AttributeError):
+        return float(index["x"]), {str(k): (float(v[0]), float(v[1])) for k, v in index["k"].items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return 0.0, {}
 
 
-def encode_index(expiry: float, entries: dict[str, float]) -> bytes:
-    """The index value `decode_index` reads back."""
-    return json.dumps({"x": expiry, "k": entries}, separators=(",", ":")).encode()
+def encode_index(expiry: float, entries: dict[str, tuple[float, float]], now: float) -> bytes:
+    """The index value `decode_index` reads back, without the entries of sessions past their end (so an
+    index that is never listed does not grow with every login)."""
+    kept = {key: entry for key, entry in entries.items() if entry[1] > now}
+    return json.dumps({"x": expiry, "k": kept}, separators=(",", ":")).encode()
 
 
 def check_user_id(user_id: object) -> str:

@@ -397,3 +397,57 @@ def test_the_index_holds_no_token(tmp_path: Path) -> None:
     assert not any(token.encode() in data for token in tokens)
     assert b"alice@example.com" in data  # the user id, in the records' metadata only
     assert json.dumps(secrets.token_hex(4)).encode() not in data
+
+
+@pytest.mark.anyio
+async def test_two_workers_sharing_a_file_log_in_and_end_concurrently(tmp_path: Path, anyio_backend: str) -> None:
+    path = str(tmp_path / "s.db")
+    async with DB(path, shared=True) as one, DB(path, shared=True) as two:
+        stores = [BuntStore(one), BuntStore(two)]
+        lives = [Lifecycle(store, 3600) for store in stores]
+
+        async def log_in(n: int) -> None:
+            session = await lives[n % 2].load(None)
+            session.login("alice")
+            await lives[n % 2].commit(session, ok=True)
+
+        async def end(n: int) -> None:
+            await anyio.sleep(0)
+            await stores[n % 2].end_user_sessions("alice")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(40):
+                tg.start_soon(log_in, n)
+                if n % 13 == 0:
+                    tg.start_soon(end, n)
+        for n in range(3):
+            await log_in(n)
+        truth = set()
+        async for key in one.scan("session:"):
+            value = await one.get(key)
+            if len(key) == 72 and value is not None and decode_meta(value).user == "alice":
+                truth.add(session_id(key[len("session:"):]))
+        assert len(truth) >= 3
+        for store in stores:
+            assert {info.id for info in await store.user_sessions("alice")} == truth
+        assert await stores[1].end_user_sessions("alice") == len(truth)
+        assert await stores[0].user_sessions("alice") == []
+
+
+def test_an_index_never_listed_does_not_grow_with_ended_sessions(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with DB(str(tmp_path / "s.db")) as db:
+            store = BuntStore(db)
+            short, long = Lifecycle(store, 1), Lifecycle(store, 3600)
+            for _ in range(5):
+                session = await short.load(None)
+                session.login("alice")
+                await short.commit(session, ok=True)
+            assert len(await store._index_entries("alice")) == 5
+            await anyio.sleep(1.2)
+            session = await long.load(None)
+            session.login("alice")
+            await long.commit(session, ok=True)
+            assert len(await store._index_entries("alice")) == 1  # the login dropped the ended ones
+
+    anyio.run(run)

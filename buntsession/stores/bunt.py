@@ -1,7 +1,8 @@
 """`BuntStore`: sessions in the embedded engine, one record per session under `prefix` + key.
 
 The sessions of a user are indexed under `prefix` + "user:" + SHA-256 of the user id: one small record
-(JSON: its expiry and, per session, its store key and when it was added), changed atomically with
+(JSON: its expiry and, per session, its store key, when it was added and its end; entries past their
+end are dropped whenever the record is written), changed atomically with
 `DB.update`, expiring with the last session it may hold. Imported Starlette cookies leave their markers
 under `prefix` + "import:" + a hash of the cookie.
 """
@@ -77,25 +78,28 @@ class BuntStore(UserSessions):
 
         def add(stored: bytes | None) -> tuple[bytes, float]:
             expiry, entries = decode_index(stored)
-            entries[key] = now
+            entries[key] = (now, end)
             expiry = max(expiry, end)
-            return encode_index(expiry, entries), expiry
+            return encode_index(expiry, entries, now), expiry
 
         await self.db.update(self.prefix + index_key(user_id), add)
 
     async def unbind_user(self, user_id: str, keys: Sequence[str]) -> None:
+        now = self._now()
+
         def drop(stored: bytes | None) -> tuple[bytes, float] | None:
             expiry, entries = decode_index(stored)
             if not any(key in entries for key in keys):
                 return None
             for key in keys:
                 entries.pop(key, None)
-            return encode_index(expiry, entries), expiry  # an empty index expires when it would have
+            return encode_index(expiry, entries, now), expiry  # an empty index expires when it would have
 
         await self.db.update(self.prefix + index_key(user_id), drop)
 
     async def _index_entries(self, user_id: str) -> dict[str, float]:
-        return decode_index(await self.db.get(self.prefix + index_key(user_id)))[1]
+        _, entries = decode_index(await self.db.get(self.prefix + index_key(user_id)))
+        return {key: added for key, (added, _) in entries.items()}
 
     async def _metas(self, keys: list[str]) -> list[tuple[Meta | None, float] | None]:
         metas: list[tuple[Meta | None, float] | None] = []
