@@ -5,6 +5,7 @@ from buntsession.errors import CorruptFileError, Error, FileLockedError, Session
 from buntsession.middleware import SessionMiddleware
 from buntsession.session import Session, Status
 from buntsession.stores import BuntStore, MemoryStore, SessionStore, Store
+from buntsession.users import SessionInfo
 
 __all__ = [
     "DB",
@@ -14,6 +15,7 @@ __all__ = [
     "FileLockedError",
     "MemoryStore",
     "Session",
+    "SessionInfo",
     "SessionMiddleware",
     "SessionStore",
     "SessionTypeError",

@@ -9,8 +9,11 @@ A stored session is one record, a JSON object (format 2), its members in this or
     {"v": 2, "c": created, "e": end, "r": remember, "d": {key: value, ...}, "t": {key: "b" | "t", ...}}
 
 created and end are unix times (the end is the absolute end of the session's life), remember is the
-remember-me choice (true, false, or null for the middleware's default). The values in "d" are plain JSON,
-so one `json.loads` gives the session back; "t", present only when needed, names the keys whose value is
+remember-me choice (true, false, or null for the middleware's default). A session bound to a user
+(`Session.login`) has three more members between "r" and "d": ``"u": user id, "a": user agent or null,
+"l": last active`` (unix time); records without them are anonymous sessions, as every record written
+before them was. The values in "d" are plain JSON, so one `json.loads` gives the session back; "t",
+present only when needed, names the keys whose value is
 `bytes` (kept as base64) or a `datetime` (kept as ISO 8601, an aware one with its UTC offset). Records of
 format 1 (each value a tagged string, below) are still read. The members before "d" depend on the
 metadata alone, so a commit that keeps the metadata reuses them from the loaded record.
@@ -31,8 +34,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-__all__ = ["MAX_RECORD_SIZE", "Meta", "UnkeepableValue", "check_value", "decode_record", "decode_value",
-           "encode_record", "encode_value"]
+__all__ = ["MAX_RECORD_SIZE", "Meta", "UnkeepableValue", "check_value", "decode_meta", "decode_record",
+           "decode_value", "encode_record", "encode_value"]
 
 RECORD_VERSION = 2
 MAX_RECORD_SIZE = 64 * 1024 * 1024
@@ -235,12 +238,23 @@ class Meta:
     """Unix time of the absolute end of its life."""
     remember: bool | None = None
     """remember_me's choice; None leaves it to the middleware's max_age."""
+    user: str | None = None
+    """The user the session is bound to (`Session.login`); None for an anonymous session."""
+    agent: str | None = None
+    """The User-Agent of the request that logged in (only with a user)."""
+    active: float | None = None
+    """Unix time the session was last seen active (only with a user; see `Lifecycle.activity_interval`)."""
 
 
 def record_head(meta: Meta) -> bytes:
     """The start of every record of a session with `meta`: all of it up to the values."""
     remember = "null" if meta.remember is None else "true" if meta.remember else "false"
-    return f'{{"v":{RECORD_VERSION},"c":{meta.created!r},"e":{meta.end!r},"r":{remember},"d":'.encode()
+    if meta.user is None:
+        return f'{{"v":{RECORD_VERSION},"c":{meta.created!r},"e":{meta.end!r},"r":{remember},"d":'.encode()
+    agent = "null" if meta.agent is None else _encode_json(meta.agent)
+    active = "null" if meta.active is None else repr(meta.active)
+    return (f'{{"v":{RECORD_VERSION},"c":{meta.created!r},"e":{meta.end!r},"r":{remember},'
+            f'"u":{_encode_json(meta.user)},"a":{agent},"l":{active},"d":').encode()
 
 
 def reusable_head(record: bytes) -> bytes | None:
@@ -289,6 +303,7 @@ def decode_record(data: bytes) -> tuple[Meta, dict[str, Any]]:
     if type(created) is not float or type(end) is not float or remember not in (None, True, False) \
             or type(values) is not dict:
         raise ValueError("bad fields in a session record")
+    user = _user_fields(record)
     if version == RECORD_VERSION:
         tags = record.get("t")
         if tags is not None:
@@ -299,7 +314,41 @@ def decode_record(data: bytes) -> tuple[Meta, dict[str, Any]]:
         values = {key: decode_value(text) for key, text in values.items()}
     else:
         raise ValueError("not a session record of a known version")
-    return Meta(created, end, remember), values
+    return Meta(created, end, remember, *user), values
+
+
+def _user_fields(record: dict[str, Any]) -> tuple[str | None, str | None, float | None]:
+    """The user, agent and last-active members of a decoded record (all None when it has no user)."""
+    user = record.get("u")
+    if user is None:
+        return None, None, None
+    agent, active = record.get("a"), record.get("l")
+    if type(active) is int:
+        active = float(active)
+    if type(user) is not str or not (agent is None or type(agent) is str) \
+            or not (active is None or type(active) is float):
+        raise ValueError("bad user fields in a session record")
+    return user, agent, active
+
+
+def decode_meta(data: bytes) -> Meta:
+    """The metadata of a stored session, parsing only the members before its values when it is of format
+    2 (a listing of a user's sessions reads no session data). ValueError if it is not a session record."""
+    head = reusable_head(data)
+    if head is None:
+        return decode_record(data)[0]
+    try:
+        record = _decode_whole(head[:-5].decode("utf-8") + "}")
+    except (UnicodeDecodeError, ValueError):
+        return decode_record(data)[0]
+    created, end, remember = record.get("c"), record.get("e"), record.get("r")
+    if type(created) is int:
+        created = float(created)
+    if type(end) is int:
+        end = float(end)
+    if type(created) is not float or type(end) is not float or remember not in (None, True, False):
+        raise ValueError("bad fields in a session record")
+    return Meta(created, end, remember, *_user_fields(record))
 
 
 def _untag(values: dict[str, Any], tags: object) -> None:

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from buntsession.engine import DB
 from buntsession.errors import Error, FileLockedError
 from buntsession.lifecycle import CookieChange, Lifecycle
+from buntsession.migration import Import, StarletteCookies
 from buntsession.session import Session
 from buntsession.signing import CookieSigner
 from buntsession.stores import BuntStore, Store
@@ -52,6 +53,7 @@ class SessionMiddleware:
         *,
         store: Store | None = None,
         idle_timeout: float | None = None,
+        import_cookie_sessions: bool = False,
     ) -> None:
         self.app = app
         self.session_cookie = session_cookie
@@ -74,11 +76,16 @@ class SessionMiddleware:
             "; partitioned" if partitioned else ""
         )
         self.signer = CookieSigner(secret_key) if secret_key is not None else None
+        if import_cookie_sessions and secret_key is None:
+            raise ValueError("import_cookie_sessions needs the secret_key that Starlette's SessionMiddleware used")
+        self.importer = StarletteCookies(secret_key, max_age) \
+            if import_cookie_sessions and secret_key is not None else None
         # The first cookie of the name decides: its value, when it has the form of a token (plain) or of a
         # token and a signature (signed); the groups are None for any other value.
         form = rb"([A-Za-z0-9_-]{43})" if self.signer is None else rb"([A-Za-z0-9_-]{43})\.([A-Za-z0-9_-]{43})"
-        self._find_cookie = re.compile(
-            rb"(?:^|;)[ \t]*" + re.escape(session_cookie.encode()) + rb"=(?:" + form + rb"[ \t]*(?=;|$))?").search
+        name = rb"(?:^|;)[ \t]*" + re.escape(session_cookie.encode()) + rb"="
+        self._find_cookie = re.compile(name + rb"(?:" + form + rb"[ \t]*(?=;|$))?").search
+        self._find_raw_cookie = re.compile(name + rb"([^;]*)").search  # for import_cookie_sessions
         self.store: Store = store if store is not None else _default_store()
         self.lifecycle = Lifecycle(self.store, max_age, idle_timeout)
         self._opened = False
@@ -95,10 +102,14 @@ class SessionMiddleware:
                 await self.app(scope, receive, send)
             return
         token, resign = self._token(scope["headers"])
+        imported = None
         try:
             if not self._opened:
                 await self._open_store()
-            session = await self.lifecycle.load(token)
+            if token is None and self.importer is not None:
+                session, imported, resign = await self._import(scope["headers"])
+            else:
+                session = await self.lifecycle.load(token)
         except Error as exc:
             logger.error("the session store failed while loading a session: %s", exc)
             await _unavailable(send)
@@ -117,7 +128,7 @@ class SessionMiddleware:
             if not started and message["type"] == "http.response.start":
                 started = True
                 try:
-                    await self._commit(scope, message, session, resign)
+                    await self._commit(scope, message, session, resign, imported)
                 except Error as exc:
                     logger.error("the session store failed while committing a session: %s", exc)
                     failed = True
@@ -137,13 +148,17 @@ class SessionMiddleware:
                         logger.error("the session store failed while ending a session: %s", exc)
             raise
 
-    async def _commit(self, scope: Scope, message: Message, session: Session, resign: bool) -> None:
+    async def _commit(self, scope: Scope, message: Message, session: Session, resign: bool,
+                      imported: Import | None = None) -> None:
         """Store what the request changed and set the cookie, just before the response starts."""
         headers = message.get("headers")
         if type(headers) is not list:
             headers = message["headers"] = list(headers or ())
         session.freeze(_FROZEN)
-        change = await self.lifecycle.commit(session, ok=message["status"] < 500, resend=resign)
+        if imported is None:
+            change = await self.lifecycle.commit(session, message["status"] < 500, resign, scope["headers"])
+        else:
+            change = await self.lifecycle.commit_imported(session, message["status"] < 500, imported, scope["headers"])
         if session.accessed or change is not None:  # a response that sets a cookie must not be shared either
             _add_vary_cookie(headers)
         if change is not None:
@@ -190,6 +205,25 @@ class SessionMiddleware:
                 return None, False
             return token.decode("ascii"), key > 0
         return None, False
+
+    async def _import(self, headers: Any) -> tuple[Session, Import | None, bool]:
+        """The session of a request with no token of ours, when import_cookie_sessions is on: a valid
+        Starlette cookie's data (see `Lifecycle.adopt`), or a fresh empty session. Also whether a cookie
+        must be sent for a session that is stored already (the cookie was imported before)."""
+        assert self.importer is not None
+        for name, value in headers:
+            if name != b"cookie":
+                continue
+            found = self._find_raw_cookie(value)
+            if found is None:
+                continue
+            cookie: bytes = found[1].rstrip(b" \t")
+            read = self.importer.read(cookie)
+            if read is None:
+                break
+            session, imported = await self.lifecycle.adopt(cookie, *read)
+            return session, imported, session.token is not None
+        return await self.lifecycle.load(None), None, False
 
     def _cookie(self, scope: Scope, change: CookieChange) -> str:
         secure = "; secure" if self.always_secure or scope.get("scheme") in ("https", "wss") else ""

@@ -5,13 +5,17 @@
 
     store = RedisStore(redis.asyncio.Redis(host="127.0.0.1"), prefix="session:")
 
-Each session is one hash: `m:c`, `m:e` and `m:r` hold its creation time, absolute end and remember-me
-choice, and `d:<key>` the encoded value of each of its keys. A merge runs as one Lua script that sets and
-deletes fields and sets the expiry (PEXPIREAT, so the absolute end is kept to the millisecond) without
-ever parsing a value; a commit for a session that is gone does nothing. The store works whether or not
-the client decodes responses, never closes the client it was given, and runs on asyncio (redis.asyncio
-does not run on trio). Every call gives up after `timeout` seconds with `StoreError`, so a slow or
-stopped server turns into a 503 rather than a hung request; the client reconnects by itself later.
+Each session is one hash: `m:c`, `m:e` and `m:r` hold its creation time, absolute end and remember-me choice,
+`m:u`, `m:a` and `m:l` the user it is bound to, the User-Agent that logged in and when it was last active
+(only for a session bound to a user), and `d:<key>` the encoded value of each of its keys. A user's sessions
+are indexed in a hash of their own, `<prefix>user:<SHA-256 of the user id>` (field: a session's store key,
+value: when it was added), which expires with the last session it may hold; each call on it names that one
+key, so on Redis Cluster every step stays within one hash slot. A merge runs as one Lua script that sets and
+deletes fields and sets the expiry (PEXPIREAT, so the absolute end is kept to the millisecond) without ever
+parsing a value; a commit for a session that is gone does nothing. The store works whether or not the client
+decodes responses, never closes the client it was given, and runs on asyncio (redis.asyncio does not run on
+trio). Every call gives up after `timeout` seconds with `StoreError`, so a slow or stopped server turns into a
+503 rather than a hung request; the client reconnects by itself later.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -30,6 +35,7 @@ import redis.exceptions
 from buntsession.codec import Meta, decode_record, decode_value, encode_record, encode_value
 from buntsession.errors import StoreError
 from buntsession.merge import Update
+from buntsession.users import UserSessions, index_key
 
 __all__ = ["RedisStore"]
 
@@ -38,7 +44,8 @@ logger = logging.getLogger("buntsession")
 _T = TypeVar("_T")
 
 # KEYS[1]: the session hash. ARGV: create, cleared, expiry (ms), number of put pairs, number of removed keys,
-# has meta, then [created, end, remember] when it has meta, then the put pairs, then the removed fields.
+# has meta, then [created, end, remember, user, agent, last active] when it has meta ("" for none), then the
+# put pairs, then the removed fields.
 _MERGE = """
 local key = KEYS[1]
 if ARGV[1] == "1" then
@@ -49,7 +56,11 @@ end
 local i = 7
 if ARGV[6] == "1" then
   redis.call("HSET", key, "m:c", ARGV[i], "m:e", ARGV[i + 1], "m:r", ARGV[i + 2])
-  i = i + 3
+  for j, field in ipairs({"m:u", "m:a", "m:l"}) do
+    local value = ARGV[i + 2 + j]
+    if value == "" then redis.call("HDEL", key, field) else redis.call("HSET", key, field, value) end
+  end
+  i = i + 6
 end
 if ARGV[2] == "1" then
   for _, field in ipairs(redis.call("HKEYS", key)) do
@@ -68,7 +79,15 @@ redis.call("PEXPIREAT", key, ARGV[3])
 return 1
 """
 
+# KEYS[1]: a user's index. ARGV: the session's store key, when it was added (unix time), its end (ms).
+_BIND = """
+redis.call("HSET", KEYS[1], ARGV[1], ARGV[2])
+if redis.call("PEXPIRETIME", KEYS[1]) < tonumber(ARGV[3]) then redis.call("PEXPIREAT", KEYS[1], ARGV[3]) end
+return 1
+"""
+
 _REMEMBER = {None: "", True: "1", False: "0"}
+_META_FIELDS = ("m:c", "m:e", "m:r", "m:u", "m:a", "m:l")
 
 
 def _text(value: bytes | str) -> str:
@@ -79,7 +98,7 @@ def _ms(unix_time: float) -> int:
     return math.ceil(unix_time * 1000)
 
 
-class RedisStore:
+class RedisStore(UserSessions):
     """A session store on Redis. See the module docstring."""
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str = "session:", timeout: float = 2.0) -> None:
@@ -89,6 +108,7 @@ class RedisStore:
         self.prefix = prefix
         self.timeout = timeout
         self._merge = client.register_script(_MERGE)
+        self._bind = client.register_script(_BIND)
         self._loop: object = None
 
     def __repr__(self) -> str:
@@ -148,7 +168,8 @@ class RedisStore:
         args: list[Any] = ["1" if update.create else "0", "1" if update.cleared else "0", _ms(update.expires_at),
                            len(changed), len(removed), "0" if meta is None else "1"]
         if meta is not None:
-            args += [repr(meta.created), repr(meta.end), _REMEMBER[meta.remember]]
+            args += [repr(meta.created), repr(meta.end), _REMEMBER[meta.remember], meta.user or "", meta.agent or "",
+                     "" if meta.active is None else repr(meta.active)]
         for name, value in changed.items():
             args += ["d:" + name, encode_value(value)]
         args += ["d:" + name for name in removed]
@@ -159,6 +180,53 @@ class RedisStore:
 
     async def sync(self) -> None:
         """Durability is the Redis server's (its appendfsync setting): nothing to do here."""
+
+    # -- the sessions of a user (see buntsession.users) ------------------------------------------------------
+    # Every script and command names one key, and pipelines are not transactions: on Redis Cluster each
+    # step touches one hash slot (a user's index and each session may live on different nodes).
+
+    async def bind_user(self, user_id: str, key: str, end: float) -> None:
+        await self._run(self._bind(keys=[self.prefix + index_key(user_id)], args=[key, repr(self._now()), _ms(end)]))
+
+    async def unbind_user(self, user_id: str, keys: Sequence[str]) -> None:
+        if keys:
+            await self._run(self.client.hdel(self.prefix + index_key(user_id), *keys))
+
+    async def _index_entries(self, user_id: str) -> dict[str, float]:
+        fields = await self._run(self.client.hgetall(self.prefix + index_key(user_id)))
+        entries = {}
+        for name, value in fields.items():
+            try:
+                entries[_text(name)] = float(_text(value))
+            except (ValueError, UnicodeDecodeError):
+                entries[_text(name)] = 0.0  # not ours: dropped by the listing when nothing lives under it
+        return entries
+
+    async def _metas(self, keys: list[str]) -> list[tuple[Meta | None, float] | None]:
+        async with self._call(), self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(self.prefix + key, _META_FIELDS)
+                pipe.pexpiretime(self.prefix + key)
+            replies = await pipe.execute()
+        metas: list[tuple[Meta | None, float] | None] = []
+        for at in range(0, len(replies), 2):
+            values, expiry_ms = replies[at], replies[at + 1]
+            if expiry_ms == -2:
+                metas.append(None)
+                continue
+            meta, _ = _from_hash({name: value for name, value in zip(_META_FIELDS, values, strict=True)
+                                  if value is not None})
+            metas.append((meta, expiry_ms / 1000 if expiry_ms >= 0 else 0.0))
+        return metas
+
+    async def _delete(self, keys: list[str]) -> int:
+        async with self._call(), self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.delete(self.prefix + key)
+            return sum(await pipe.execute())
+
+    def _now(self) -> float:
+        return time.time()
 
 
 def _from_hash(fields: Mapping[Any, Any]) -> tuple[Meta | None, dict[str, Any]]:
@@ -172,6 +240,8 @@ def _from_hash(fields: Mapping[Any, Any]) -> tuple[Meta | None, dict[str, Any]]:
             elif field.startswith("m:"):
                 meta[field[2:]] = text
         remember = {"": None, "1": True, "0": False}[meta["r"]]
-        return Meta(float(meta["c"]), float(meta["e"]), remember), values
+        user, agent, active = meta.get("u"), meta.get("a"), meta.get("l")
+        return Meta(float(meta["c"]), float(meta["e"]), remember, user, agent if user else None,
+                    float(active) if user and active else None), values
     except (KeyError, ValueError, UnicodeDecodeError):
         return None, values  # not a session this store wrote (or tampered with): treated as absent

@@ -19,10 +19,14 @@ import secrets
 from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from buntsession.codec import Meta, UnkeepableValue, check_key, check_value
 from buntsession.errors import SessionTypeError
+from buntsession.users import SessionInfo, check_user_id, session_id
+
+if TYPE_CHECKING:
+    from buntsession.users import UserSessions
 
 __all__ = ["Pending", "Session", "Status", "fingerprint", "new_token", "store_key", "thaw"]
 
@@ -86,6 +90,14 @@ class Pending(NamedTuple):
     destroyed: bool
     dead_tokens: tuple[str, ...]
     """Tokens of stored sessions that destroy() or renew_token() ended."""
+    dead_user: str | None
+    """The user the session of `dead_tokens` was bound to."""
+    user: str | None
+    """The user a new (or renewed) session is bound to; a stored one keeps it in `meta`."""
+    agent: str | None
+    """The User-Agent a renewed session keeps (login() takes the request's own)."""
+    login: bool
+    """Whether login() was called: the request's User-Agent goes into the new session."""
 
 
 # -- the typed helpers' kinds: one generic mechanism serves the seven types ------------------------------------
@@ -183,6 +195,13 @@ class Session(dict[str, Any]):
     _destroyed: bool = False
     _dead_tokens: tuple[str, ...] = ()
     _frozen: str | None = None
+    # The user binding while the session is not stored (after login, renew_token or destroy); a stored
+    # session keeps it in its metadata.
+    _user: str | None = None
+    _agent: str | None = None
+    _login: bool = False
+    _dead_user: str | None = None
+    _users: UserSessions | None = None  # the store's user calls, given by the lifecycle when it has them
 
     # -- what the lifecycle uses -----------------------------------------------------------------------------
 
@@ -219,10 +238,12 @@ class Session(dict[str, Any]):
                     check_value(data[key])
                     put.add(key)
         removed: Set[str] = self._removed or frozenset()
-        if not (always or put or removed or self._cleared or self._remember_changed or self._dead_tokens):
+        if not (always or put or removed or self._cleared or self._remember_changed or self._dead_tokens
+                or self._login):
             return None
         return Pending(self._token, self._meta, self._base, self._base_meta, data, put, removed, self._cleared,
-                       self._remember, self._remember_changed, self._destroyed, self._dead_tokens)
+                       self._remember, self._remember_changed, self._destroyed, self._dead_tokens, self._dead_user,
+                       self._user, self._agent, self._login)
 
     def stored(self, token: str, meta: Meta, expires: float) -> None:
         """Record that the commit stored the session under `token`."""
@@ -514,11 +535,15 @@ class Session(dict[str, Any]):
         self._remember_changed = True
 
     def renew_token(self) -> None:
-        """Give the session a new token now, keeping its data; the old token is dead once the response
-        starts. The absolute lifetime starts again. Call it at login and at any change of privilege."""
+        """Give the session a new token now, keeping its data and its user (see `login`); the old token is
+        dead once the response starts. The absolute lifetime starts again. Call it at any change of
+        privilege (`login` calls it)."""
         self.mark_modified()
-        if self._meta is not None and self._token is not None:
-            self._dead_tokens += (self._token,)
+        if self._meta is not None:
+            self._user, self._agent = self._meta.user, self._meta.agent
+            if self._token is not None:
+                self._dead_tokens += (self._token,)
+                self._dead_user = self._meta.user
         self._token = new_token()
         self._meta = self._expires = None
 
@@ -528,12 +553,80 @@ class Session(dict[str, Any]):
         self.mark_modified()
         if self._meta is not None and self._token is not None:
             self._dead_tokens += (self._token,)
+            self._dead_user = self._meta.user
+        self._user = self._agent = None
+        self._login = False
         dict.clear(self)
         self._token = self._meta = self._expires = self._base = self._base_meta = None
         self._remember, self._remember_changed = None, False
         self._put = self._removed = self._touched = self._assigned = None
         self._cleared = self._touched_all = False
         self._destroyed = True
+
+    # -- the sessions of a user -----------------------------------------------------------------------------
+
+    def login(self, user_id: str) -> None:
+        """Bind the session to `user_id` at sign-in: a new token now, as `renew_token()` gives (a token
+        planted before the login is worth nothing), and the session is listed among the user's sessions
+        once stored, with the User-Agent of this request. The binding survives `renew_token()` and
+        restarts; `destroy()` ends it; logging in as another user moves it. TypeError when `user_id` is not
+        a non-empty str of valid Unicode."""
+        check_user_id(user_id)
+        self.renew_token()
+        self._user, self._agent, self._login = user_id, None, True
+
+    @property
+    def user_id(self) -> str | None:
+        """The user the session is bound to (`login`), or None for an anonymous session."""
+        return self._meta.user if self._meta is not None else self._user
+
+    def _current_key(self) -> str | None:
+        """The store key of this session when it is stored under its token."""
+        return store_key(self._token) if self._meta is not None and self._token is not None else None
+
+    def _directory(self) -> UserSessions:
+        if self._users is None:
+            raise NotImplementedError("listing and ending a user's sessions needs a store that keeps a user index "
+                                      "(BuntStore, MemoryStore, RedisStore, or a subclass of "
+                                      "buntsession.users.UserSessions)")
+        return self._users
+
+    async def user_sessions(self) -> list[SessionInfo]:
+        """The live sessions bound to this session's user, most recently active first, this one marked
+        `current`; [] for an anonymous session. A session logged in by this very request is listed from
+        the next request on (it is stored when the response starts). Raises StoreError when the store
+        fails, NotImplementedError on a store without a user index."""
+        user = self.user_id
+        if user is None:
+            return []
+        return await self._directory().user_sessions(user, self._current_key())
+
+    async def end_user_session(self, id: str) -> bool:
+        """End the session of the same user whose `SessionInfo.id` is `id`, durably; True if it was live.
+        False for an anonymous session, an unknown id, or another user's session. This session's own id
+        destroys it (`destroy()`: its cookie is expired too)."""
+        user = self.user_id
+        if user is None or type(id) is not str:
+            return False
+        current = self._current_key()
+        if current is not None and session_id(current) == id:
+            self.destroy()
+            return True
+        return await self._directory().end_user_session(user, id)
+
+    async def end_user_sessions(self, keep_current: bool = True) -> int:
+        """End every session of this session's user but this one ("log out everywhere else"), or with
+        `keep_current=False` every one including this (which is then destroyed as by `destroy()`).
+        Returns how many stored sessions it ended; 0 for an anonymous session. Ending is durable, as
+        `destroy()` is."""
+        user = self.user_id
+        if user is None:
+            return 0
+        current = self._current_key()
+        ended = await self._directory().end_user_sessions(user, current if keep_current else None)
+        if not keep_current:
+            self.destroy()
+        return ended
 
 
 _MUTABLE = (list, dict)

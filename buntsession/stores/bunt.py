@@ -1,16 +1,27 @@
-"""`BuntStore`: sessions in the embedded engine, one record per session under `prefix` + key."""
+"""`BuntStore`: sessions in the embedded engine, one record per session under `prefix` + key.
+
+The sessions of a user are indexed under `prefix` + "user:" + SHA-256 of the user id: one small record
+(JSON: its expiry and, per session, its store key, when it was added and its end; entries past their
+end are dropped whenever the record is written), changed atomically with
+`DB.update`, expiring with the last session it may hold. Imported Starlette cookies leave their markers
+under `prefix` + "import:" + a hash of the cookie.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from types import TracebackType
 
+from buntsession.codec import Meta, decode_meta
 from buntsession.engine import DB
 from buntsession.merge import Update, apply_update
+from buntsession.users import UserSessions, decode_index, encode_index, index_key
 
 __all__ = ["BuntStore"]
 
 
-class BuntStore:
+class BuntStore(UserSessions):
     """A session store over a `DB`. Entering it (as the middleware does at lifespan startup) opens the DB
     once more and leaving closes that once: a DB the caller opened stays open (opening is counted)."""
 
@@ -59,3 +70,52 @@ class BuntStore:
 
     async def sync(self) -> None:
         await self.db.sync()
+
+    # -- the sessions of a user (see buntsession.users) ------------------------------------------------------
+
+    async def bind_user(self, user_id: str, key: str, end: float) -> None:
+        now = self._now()
+
+        def add(stored: bytes | None) -> tuple[bytes, float]:
+            expiry, entries = decode_index(stored)
+            entries[key] = (now, end)
+            expiry = max(expiry, end)
+            return encode_index(expiry, entries, now), expiry
+
+        await self.db.update(self.prefix + index_key(user_id), add)
+
+    async def unbind_user(self, user_id: str, keys: Sequence[str]) -> None:
+        now = self._now()
+
+        def drop(stored: bytes | None) -> tuple[bytes, float] | None:
+            expiry, entries = decode_index(stored)
+            if not any(key in entries for key in keys):
+                return None
+            for key in keys:
+                entries.pop(key, None)
+            return encode_index(expiry, entries, now), expiry  # an empty index expires when it would have
+
+        await self.db.update(self.prefix + index_key(user_id), drop)
+
+    async def _index_entries(self, user_id: str) -> dict[str, float]:
+        _, entries = decode_index(await self.db.get(self.prefix + index_key(user_id)))
+        return {key: added for key, (added, _) in entries.items()}
+
+    async def _metas(self, keys: list[str]) -> list[tuple[Meta | None, float] | None]:
+        metas: list[tuple[Meta | None, float] | None] = []
+        for key in keys:
+            found = await self.db.get_with_expiry(self.prefix + key)
+            if found is None or found[1] is None:
+                metas.append(None if found is None else (None, 0.0))
+                continue
+            try:
+                metas.append((decode_meta(found[0]), found[1]))
+            except ValueError:
+                metas.append((None, found[1]))
+        return metas
+
+    async def _delete(self, keys: list[str]) -> int:
+        return sum([await self.db.delete(self.prefix + key) for key in keys])
+
+    def _now(self) -> float:
+        return time.time()

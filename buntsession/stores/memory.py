@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from buntsession.codec import Meta, decode_meta
 from buntsession.merge import Update, apply_update
+from buntsession.users import BIND_GRACE, UserSessions
 
 __all__ = ["MemoryStore"]
 
 _SWEEP_EVERY = 1000
 
 
-class MemoryStore:
+class MemoryStore(UserSessions):
     """Keeps sessions in memory until they expire; nothing survives the process.
 
     Expired entries are dropped when they are looked up, and all of them every 1,000 writes, so memory
-    follows the live sessions. Every call completes without yielding, so each is atomic.
+    follows the live sessions. Every call completes without yielding, so each is atomic. The sessions of
+    a user are indexed in a dict of their own (user id -> store key -> when added), which `len` does not
+    count.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._entries: dict[str, tuple[bytes, float]] = {}
+        self._users: dict[str, dict[str, float]] = {}
         self._clock = clock
         self._writes = 0
 
@@ -69,3 +74,45 @@ class MemoryStore:
         if self._writes % _SWEEP_EVERY == 0:
             now = self._clock()
             self._entries = {k: e for k, e in self._entries.items() if e[1] > now}
+            for user_id, index in list(self._users.items()):  # entries of sessions that ended by themselves
+                kept = {k: t for k, t in index.items() if k in self._entries or t + BIND_GRACE > now}
+                if kept:
+                    self._users[user_id] = kept
+                else:
+                    del self._users[user_id]
+
+    # -- the sessions of a user (see buntsession.users) ------------------------------------------------------
+
+    async def bind_user(self, user_id: str, key: str, end: float) -> None:
+        self._users.setdefault(user_id, {})[key] = self._clock()
+
+    async def unbind_user(self, user_id: str, keys: Sequence[str]) -> None:
+        entries = self._users.get(user_id)
+        if entries is not None:
+            for key in keys:
+                entries.pop(key, None)
+            if not entries:
+                del self._users[user_id]
+
+    async def _index_entries(self, user_id: str) -> dict[str, float]:
+        return dict(self._users.get(user_id, {}))
+
+    async def _metas(self, keys: list[str]) -> list[tuple[Meta | None, float] | None]:
+        metas: list[tuple[Meta | None, float] | None] = []
+        for key in keys:
+            found = await self.find_with_expiry(key)
+            if found is None:
+                metas.append(None)
+                continue
+            try:
+                metas.append((decode_meta(found[0]), found[1]))
+            except ValueError:
+                metas.append((None, found[1]))
+        return metas
+
+    async def _delete(self, keys: list[str]) -> int:
+        now = self._clock()
+        return sum([(entry := self._entries.pop(key, None)) is not None and entry[1] > now for key in keys])
+
+    def _now(self) -> float:
+        return self._clock()

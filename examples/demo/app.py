@@ -4,7 +4,11 @@ Run it from the checkout:  .venv/bin/uvicorn examples.demo.app:app   (then open 
 
 - a visit counter (put_int), a cart kept as an object (put_object), a page showing the session's keys,
   created_at and expires_at;
-- a login form that calls renew_token() and remember_me(), and logout by POST (destroy());
+- a login form that calls login() (a new token, the session bound to the user) and remember_me(), and
+  logout by POST (destroy());
+- a "your sessions" page: every browser signed in as you (its browser, created, last active), with a
+  button to end one and one to end all the others (user_sessions(), end_user_session(),
+  end_user_sessions());
 - no default credentials: the first login with a new name registers that name with its password
   (kept, scrypt-hashed, in the same data file); every form carries a CSRF token kept in the session.
 """
@@ -83,7 +87,7 @@ async def login(request: Request, session: SessionDep, username: str = Form(...)
         await db.set(key, salt + password_hash(password, salt))
     elif not hmac.compare_digest(stored[16:], password_hash(password, stored[:16])):
         return page(request, session, "login.html", error="Wrong password for that name.")
-    session.renew_token()  # a new token at login: a token planted before it is worth nothing
+    session.login(username)  # a new token (a token planted before it is worth nothing), bound to the user
     session.put_string("user", username)
     session.put_string("csrf", secrets.token_urlsafe(32))
     session.remember_me(remember)
@@ -95,6 +99,28 @@ async def logout(session: SessionDep, csrf: str = Form("")) -> RedirectResponse:
     check_csrf(session, csrf)
     session.destroy()
     return RedirectResponse("/", status_code=303)
+
+
+@app.get("/sessions", response_class=HTMLResponse, response_model=None)
+async def your_sessions(request: Request, session: SessionDep) -> HTMLResponse | RedirectResponse:
+    if session.user_id is None:
+        return RedirectResponse("/login", status_code=303)
+    return page(request, session, "sessions.html", sessions=await session.user_sessions(),
+                ended=request.query_params.get("ended"))
+
+
+@app.post("/sessions/end")
+async def end_session(session: SessionDep, id: str = Form(...), csrf: str = Form("")) -> RedirectResponse:
+    check_csrf(session, csrf)
+    ended = await session.end_user_session(id)
+    return RedirectResponse("/" if session.user_id is None else f"/sessions?ended={int(ended)}", status_code=303)
+
+
+@app.post("/sessions/end-others")
+async def end_other_sessions(session: SessionDep, csrf: str = Form("")) -> RedirectResponse:
+    check_csrf(session, csrf)
+    ended = await session.end_user_sessions(keep_current=True)
+    return RedirectResponse(f"/sessions?ended={ended}", status_code=303)
 
 
 @app.get("/session", response_class=HTMLResponse)
