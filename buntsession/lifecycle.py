@@ -185,11 +185,11 @@ class Lifecycle:
         valid until the unix time `until`).
 
         The first time: a new session holding `data`, not stored yet, and the `Import` to pass to
-        `commit_imported`,
-        which stores the session under a new token and leaves a marker. Later (the same cookie again, from
-        a request that overlapped the first or from a replay): the session the cookie became, as `load`
-        gives it (fresh and empty once that session has ended or been renewed), and None; a stored one
-        must be given its cookie (`commit(..., resend=True)`).
+        `commit_imported`, which stores the session under a new token and leaves a marker. Later (the same
+        cookie again, from a request that overlapped the first or from a replay): the session the cookie
+        became, as `load` gives it (fresh and empty once that session has ended or been renewed), and None;
+        a stored one must be given its cookie (`commit(..., resend=True)`). An empty `data` gives a fresh
+        session and None: there is nothing to import.
         """
         if not data:
             return self._fresh(), None

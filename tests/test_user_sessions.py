@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
@@ -396,7 +395,6 @@ def test_the_index_holds_no_token(tmp_path: Path) -> None:
     data = path.read_bytes()
     assert not any(token.encode() in data for token in tokens)
     assert b"alice@example.com" in data  # the user id, in the records' metadata only
-    assert json.dumps(secrets.token_hex(4)).encode() not in data
 
 
 @pytest.mark.anyio
@@ -451,3 +449,49 @@ def test_an_index_never_listed_does_not_grow_with_ended_sessions(tmp_path: Path)
             assert len(await store._index_entries("alice")) == 1  # the login dropped the ended ones
 
     anyio.run(run)
+
+
+@pytest.mark.anyio
+async def test_the_activity_write_also_moves_the_idle_deadline(clock: FakeClock) -> None:
+    store = MemoryStore(clock=clock)
+    life = Lifecycle(store, 24 * 3600, idle_timeout=600)
+    life.clock = clock
+    session = await life.load(None)
+    session.login("alice")
+    await life.commit(session, ok=True)
+    assert session.token is not None and session.expires_at is not None
+    assert session.expires_at.timestamp() == clock.now + 600
+    clock.advance(310)
+    loaded = await life.load(session.token)
+    assert loaded.expires_at is not None and loaded.expires_at.timestamp() == clock.now + 600
+    found = await store.find_with_expiry(store_key(session.token))
+    assert found is not None and found[1] == clock.now + 600
+    (info,) = await store.user_sessions("alice")
+    assert info.last_active.timestamp() == clock.now and info.expires_at.timestamp() == clock.now + 600
+    clock.advance(601)  # idle past the deadline: gone, and never listed
+    assert (await life.load(session.token)).user_id is None
+    assert await store.user_sessions("alice") == []
+
+
+def test_redis_keys_a_user_index_of_its_own_with_one_key_per_call(redis_server: Any) -> None:
+    import redis
+    import redis.asyncio
+
+    from buntsession.redis import RedisStore
+    from buntsession.users import index_key
+
+    prefix = f"layout:{secrets.token_hex(4)}:"
+    store = RedisStore(redis.asyncio.Redis(port=redis_server.port), prefix=prefix)
+    app = app_for(store)
+    a = signed_in(app, "alice", "Browser A")
+    b = signed_in(app, "alice", "Browser B")
+    keys = {k.decode() for k in redis.Redis(port=redis_server.port).keys(prefix + "*")}
+    sessions = {prefix + store_key(c.cookies["session"]) for c in (a, b)}
+    index = prefix + index_key("alice")
+    assert keys == sessions | {index}
+    plain = redis.Redis(port=redis_server.port, decode_responses=True)
+    assert set(plain.hkeys(index)) == {key[len(prefix):] for key in sessions}
+    assert plain.hget(next(iter(sessions)), "m:u") == "alice"
+    assert plain.pexpiretime(index) >= max(plain.pexpiretime(key) for key in sessions)
+    assert a.post("/end_all?keep=0").json() == 2
+    assert not redis.Redis(port=redis_server.port).keys(prefix + "*")  # the index went with its last entry
