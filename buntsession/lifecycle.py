@@ -162,7 +162,7 @@ class Lifecycle:
                         expires = deadline
                 except StoreError:
                     logger.warning("could not move the idle deadline of a session", exc_info=True)
-        return self._session.restore(token, record, meta, values, expires, known.pristine)
+        return self._session.restore(token, key, record, meta, values, expires, known.pristine)
 
     async def _activity(self, key: str, record: bytes, meta: Meta, values: dict[str, Any],
                         now: float) -> tuple[bytes, Meta, float, _Decoded] | None:
@@ -266,7 +266,7 @@ class Lifecycle:
                 self._encode(update)  # a session that cannot be stored leaves no index entry either
                 await self.users.bind_user(user, key, meta.end)  # before the record: never hidden
             await self._write(key, update)
-            session.stored(new, meta, expires)
+            session.stored(new, key, meta, expires)
         return CookieChange(new, meta)
 
     async def _update(self, session: Session, pending: Pending, resend: bool) -> CookieChange | None:
@@ -280,10 +280,11 @@ class Lifecycle:
             return CookieChange(token, meta) if resend else None  # nothing changed: only a re-signed cookie
         update = Update(pending.data, meta, expires, base=pending.base, put=pending.put, removed=pending.removed,
                         cleared=pending.cleared, meta_changed=pending.remember_changed)
-        if not await self._write(store_key(token), update):
+        key = pending.key or store_key(token)
+        if not await self._write(key, update):
             logger.warning("changes to a session that was destroyed or renewed meanwhile were dropped")
             return None
-        session.stored(token, meta, expires)
+        session.stored(token, key, meta, expires)
         return CookieChange(token, meta) if resend or pending.remember_changed or pending.cleared else None
 
     async def _renew(self, session: Session, pending: Pending,

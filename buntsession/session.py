@@ -98,6 +98,8 @@ class Pending(NamedTuple):
     """The User-Agent a renewed session keeps (login() takes the request's own)."""
     login: bool
     """Whether login() was called: the request's User-Agent goes into the new session."""
+    key: str | None
+    """The store key of `token`, when the session is stored under it."""
 
 
 # -- the typed helpers' kinds: one generic mechanism serves the seven types ------------------------------------
@@ -182,6 +184,7 @@ class Session(dict[str, Any]):
     _meta: Meta | None = None  # None until the session is stored (and again after renew or destroy)
     _base: bytes | None = None  # the record as loaded (kept through renew_token, for its merge)
     _base_meta: Meta | None = None
+    _key: str | None = None  # the store key of the token it was loaded with
     _assigned: dict[str, bytes | None] | None = None  # fingerprints of lists and dicts when assigned
     _expires: float | None = None  # when the store will forget it (the earlier of its end and idle deadline)
     _remember: bool | None = None
@@ -206,12 +209,14 @@ class Session(dict[str, Any]):
     # -- what the lifecycle uses -----------------------------------------------------------------------------
 
     @classmethod
-    def restore(cls, token: str, record: bytes, meta: Meta, values: dict[str, Any], expires: float,
+    def restore(cls, token: str, key: str, record: bytes, meta: Meta, values: dict[str, Any], expires: float,
                 pristine: Mapping[str, bytes]) -> Session:
-        """The session stored under `token`: `values` and `meta` decoded from `record`; `pristine` holds the
-        `fingerprint` of each list or dict value, to tell at commit which were changed in place."""
+        """The session stored under `token` (at the store key `key`): `values` and `meta` decoded from
+        `record`; `pristine` holds the `fingerprint` of each list or dict value, to tell at commit which
+        were changed in place."""
         session = cls(values)
-        session._token, session._meta, session._base, session._base_meta = token, meta, record, meta
+        session._token, session._key, session._meta = token, key, meta
+        session._base, session._base_meta = record, meta
         session._expires, session._remember, session._pristine = expires, meta.remember, pristine
         return session
 
@@ -223,7 +228,7 @@ class Session(dict[str, Any]):
         or assigned, to hold what a session cannot keep: a tuple, a set, a datetime inside it, itself."""
         if not (always or self.modified or self._touched is not None or self._touched_all):
             return None
-        data = dict.copy(self)
+        data = dict(dict.items(self))  # not dict.copy: on a subclass it reads through __getitem__
         put = set(self._put) if self._put else set()
         if self._assigned:
             for key, blob in self._assigned.items():
@@ -243,11 +248,11 @@ class Session(dict[str, Any]):
             return None
         return Pending(self._token, self._meta, self._base, self._base_meta, data, put, removed, self._cleared,
                        self._remember, self._remember_changed, self._destroyed, self._dead_tokens, self._dead_user,
-                       self._user, self._agent, self._login)
+                       self._user, self._agent, self._login, self._key)
 
-    def stored(self, token: str, meta: Meta, expires: float) -> None:
-        """Record that the commit stored the session under `token`."""
-        self._token, self._meta, self._expires = token, meta, expires
+    def stored(self, token: str, key: str, meta: Meta, expires: float) -> None:
+        """Record that the commit stored the session under `token`, at the store key `key`."""
+        self._token, self._key, self._meta, self._expires = token, key, meta, expires
 
     def freeze(self, reason: str) -> None:
         """Refuse every change from now on, with RuntimeError(reason)."""
@@ -352,7 +357,7 @@ class Session(dict[str, Any]):
         """A plain dict of the same keys and values (a shallow copy, as dict.copy gives)."""
         self.accessed = True
         self._touched_all = True
-        return dict.copy(self)
+        return dict(dict.items(self))
 
     def __or__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]
         self.accessed = True
@@ -545,7 +550,7 @@ class Session(dict[str, Any]):
                 self._dead_tokens += (self._token,)
                 self._dead_user = self._meta.user
         self._token = new_token()
-        self._meta = self._expires = None
+        self._meta = self._expires = self._key = None
 
     def destroy(self) -> None:
         """End the session: its record is deleted (even if the request then fails) and its cookie expired.
@@ -557,7 +562,7 @@ class Session(dict[str, Any]):
         self._user = self._agent = None
         self._login = False
         dict.clear(self)
-        self._token = self._meta = self._expires = self._base = self._base_meta = None
+        self._token = self._meta = self._expires = self._base = self._base_meta = self._key = None
         self._remember, self._remember_changed = None, False
         self._put = self._removed = self._touched = self._assigned = None
         self._cleared = self._touched_all = False
@@ -582,7 +587,9 @@ class Session(dict[str, Any]):
 
     def _current_key(self) -> str | None:
         """The store key of this session when it is stored under its token."""
-        return store_key(self._token) if self._meta is not None and self._token is not None else None
+        if self._meta is None or self._token is None:
+            return None
+        return self._key if self._key is not None else store_key(self._token)
 
     def _directory(self) -> UserSessions:
         if self._users is None:
