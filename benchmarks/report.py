@@ -134,7 +134,9 @@ def main() -> None:
               "### group commit (sync=\"always\", 64 concurrent writers)", "", *series_table(group, fsync_each), "",
               "![chart](benchmarks.png)", ""]
     DOCS.mkdir(exist_ok=True)
-    (DOCS / "benchmarks.md").write_text("\n".join(lines))
+    target = DOCS / "benchmarks.md"
+    kept = other_sections(target.read_text() if target.exists() else "", lines)
+    target.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
     chart(added, engine)
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -144,6 +146,19 @@ def main() -> None:
     readme.write_text(re.sub(r"<!-- benchmarks:start -->.*?<!-- benchmarks:end -->", lambda _: block, text,
                              flags=re.S))
     print(f"wrote {DOCS / 'benchmarks.md'}, {DOCS / 'benchmarks.png'} and the README's headline", file=sys.stderr)
+
+
+def other_sections(previous: str, lines: list[str]) -> str:
+    """The sections of the previous report that this script does not write: figures from the other
+    benchmark scripts (each section names its own command and run), kept as they were."""
+    ours = {line for line in lines if line.startswith("## ")}
+    kept, keep = [], False
+    for line in previous.splitlines():
+        if line.startswith("## "):
+            keep = line not in ours
+        if keep:
+            kept.append(line)
+    return "\n".join(kept) + ("\n" if kept else "")
 
 
 def chart(added: dict[str, dict[str, float]], engine: dict[str, list[Series]]) -> None:
