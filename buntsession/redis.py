@@ -90,6 +90,18 @@ _REMEMBER = {None: "", True: "1", False: "0"}
 _META_FIELDS = ("m:c", "m:e", "m:r", "m:u", "m:a", "m:l")
 
 
+def _forget_connections(client: redis.asyncio.Redis | redis.asyncio.RedisCluster) -> None:
+    """Drop the client's connections without closing them: they belong to an event loop that has ended,
+    and the client opens new ones on the running loop as it needs them."""
+    if isinstance(client, redis.asyncio.RedisCluster):
+        # redis-py has no public reset for a cluster client: each node keeps its own connections.
+        for node in client.get_nodes():
+            node._connections.clear()
+            node._free.clear()
+    else:
+        client.connection_pool.reset()  # type: ignore[no-untyped-call]
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -101,7 +113,8 @@ def _ms(unix_time: float) -> int:
 class RedisStore(UserSessions):
     """A session store on Redis. See the module docstring."""
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str = "session:", timeout: float = 2.0) -> None:
+    def __init__(self, client: redis.asyncio.Redis | redis.asyncio.RedisCluster, prefix: str = "session:",
+                 timeout: float = 2.0) -> None:
         if not (timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.client = client
@@ -122,7 +135,7 @@ class RedisStore(UserSessions):
             # Connections belong to the event loop that opened them (Starlette's TestClient runs each
             # request on a new loop): start afresh on a new one.
             if self._loop is not None:
-                self.client.connection_pool.reset()  # type: ignore[no-untyped-call]
+                _forget_connections(self.client)
             self._loop = loop
         try:
             with anyio.fail_after(self.timeout):

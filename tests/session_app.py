@@ -127,6 +127,15 @@ REDIS_PORT: list[int] = []  # set by the store_kind fixture when a test runs on 
 def make_store(kind: str, path: str, clock: FakeClock | None = None, **db_options: Any) -> Store:
     """A fresh store of `kind`. A Redis store keeps the server's clock; the middleware's injected clock
     still decides what has ended, since it checks every session's end and store expiry itself."""
+    if kind == "redis-cluster":
+        import uuid
+
+        import redis.asyncio
+
+        from buntsession.redis import RedisStore
+
+        client = redis.asyncio.RedisCluster(host="127.0.0.1", port=REDIS_PORT[0])
+        return RedisStore(client, prefix=f"test:{uuid.uuid4().hex}:")
     if kind == "redis":
         import uuid
 

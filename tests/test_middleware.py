@@ -23,15 +23,18 @@ from buntsession.session import store_key
 COOKIE = re.compile(r"session=([^;]*);")
 
 
-@pytest.fixture(params=["bunt", "memory", "redis"])
+@pytest.fixture(params=["bunt", "memory", "redis", "redis-cluster"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     """Every test that takes it runs on each store: one suite, not a copy per store."""
     kind = str(request.param)
-    if kind == "redis":
+    if kind.startswith("redis"):
         params = request.node.callspec.params
         if "trio" in (params.get("anyio_backend"), params.get("backend")):
             pytest.skip("redis.asyncio runs on asyncio only")
-        REDIS_PORT[:] = [request.getfixturevalue("redis_server").port]
+        if kind == "redis":
+            REDIS_PORT[:] = [request.getfixturevalue("redis_server").port]
+        else:
+            REDIS_PORT[:] = [request.getfixturevalue("redis_cluster").ports[0]]
     return kind
 
 
@@ -47,7 +50,11 @@ def records(store: Any) -> int:
     if isinstance(store, MemoryStore):
         return len(store)
     import redis
+    import redis.asyncio
 
+    if isinstance(store.client, redis.asyncio.RedisCluster):
+        cluster = redis.RedisCluster(host="127.0.0.1", port=REDIS_PORT[0])
+        return len(cluster.keys(store.prefix + "*", target_nodes=redis.RedisCluster.ALL_NODES))
     return len(redis.Redis(port=REDIS_PORT[0]).keys(store.prefix + "*"))
 
 
