@@ -103,7 +103,7 @@ def _unprivileged_user() -> str | None:
 class PostgresServer:
     """A PostgreSQL server of its own: initdb into a temporary directory, listening on a free loopback port
     (and a unix socket in that directory), trust authentication, fsync off. Run as an unprivileged user when
-    the tests run as root. Its processes form one process group, so a test can stall all of them."""
+    the tests run as root."""
 
     def __init__(self, bindir: str) -> None:
         import tempfile
@@ -132,7 +132,7 @@ class PostgresServer:
              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.workdir}",
              "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
              "-c", "max_connections=200"],
-            user=self.user, cwd=self.workdir, start_new_session=True,
+            user=self.user, cwd=self.workdir,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
@@ -152,6 +152,28 @@ class PostgresServer:
             self.process.send_signal(signal.SIGINT)
             self.process.wait(timeout=30)
             self.process = None
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children (each backend is a session of its own: no process group has all)."""
+        assert self.process is not None
+        found = [self.process.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                    found.append(int(entry.name))
+        return found
+
+    def signal_all(self, number: int) -> None:
+        """Send a signal (SIGSTOP: a stalled server; SIGCONT) to the postmaster and every child."""
+        for pid in self.processes():
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:
+                pass
 
     def psql(self, sql: str) -> str:
         done = subprocess.run([os.path.join(self.bindir, "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
