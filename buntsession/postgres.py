@@ -28,6 +28,7 @@ that made it: a store used from several event loops (Starlette's `TestClient` ou
 factory instead, and then makes, owns and closes one pool per loop. asyncpg runs on asyncio only.
 
 The nullable, indexed `user_id` column is reserved for the sessions of a user; this store leaves it alone.
+A session key (not a value) holding U+0000 cannot be kept (`jsonb` refuses it): its commit is a StoreError.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -147,6 +149,7 @@ class PostgresStore:
         self._ready = False  # the table is known to exist
         self._next_cleanup = 0.0
         self._entered = 0
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         name, _, _ = _names(table, schema)
         self._ddl = ddl(table, schema)
         self._find = (f"SELECT created_at, ends_at, remember, data::text, extract(epoch FROM expires_at)::float8 "
@@ -221,15 +224,21 @@ class PostgresStore:
             await self._pool  # initialises a pool made with `asyncpg.create_pool(...)` but not awaited yet
             self._loop = loop
             return self._pool
-        old, self._pool = self._pool, None
-        if old is not None:  # made on an event loop that has gone (or another one): drop its connections
-            try:
-                old.terminate()
-            except RuntimeError:  # its loop is closed
-                pass
-        self._pool = await self._source()
-        self._loop = loop
-        return self._pool
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        async with lock:  # the first calls on a new loop wait for one pool rather than each making one
+            if self._pool is not None and self._loop is loop:
+                return self._pool
+            old, self._pool = self._pool, None
+            if old is not None:  # made on an event loop that has gone (or another one): drop its connections
+                try:
+                    old.terminate()
+                except RuntimeError:  # its loop is closed
+                    pass
+            pool = await self._source()
+            self._pool, self._loop = pool, loop
+            return pool
 
     @asynccontextmanager
     async def _call(self) -> AsyncIterator[Any]:

@@ -113,7 +113,8 @@ class PostgresServer:
         self.bindir = bindir
         self.port = free_port()
         self.user = _unprivileged_user()
-        self.workdir = tempfile.mkdtemp(prefix="buntsession-pg-")  # in /tmp: reachable by that user
+        # in /tmp (not TMPDIR, which may be private to root): the server's user must reach it
+        self.workdir = tempfile.mkdtemp(prefix="buntsession-pg-", dir="/tmp" if self.user else None)
         self.datadir = os.path.join(self.workdir, "data")
         if self.user is not None:
             shutil.chown(self.workdir, self.user)
