@@ -77,8 +77,11 @@ def build(kind: str, redis_port: int, pg_dsn: str, workdir: str) -> Any:
     return Starlette(routes=ROUTES, middleware=[Middleware(SessionMiddleware, store=store, secret_key="bench")])
 
 
-async def run(requests: int, rounds: int, redis_port: int, pg_dsn: str, workdir: str) -> None:
-    results: dict[tuple[str, str], list[float]] = {(k, r): [] for k in CONTENDERS for r in ("read", "write")}
+Results = dict[tuple[str, str], list[float]]
+
+
+async def run(requests: int, rounds: int, redis_port: int, pg_dsn: str, workdir: str) -> Results:
+    results: Results = {(k, r): [] for k in CONTENDERS for r in ("read", "write")}
     for _ in range(rounds):
         for kind in CONTENDERS:
             app = build(kind, redis_port, pg_dsn, workdir)
@@ -90,13 +93,24 @@ async def run(requests: int, rounds: int, redis_port: int, pg_dsn: str, workdir:
                         await client.get(f"/{route}")
                     results[kind, route].append(requests / (time.perf_counter() - started))
                 assert (await client.get("/read")).text == str(requests + 1), kind
-    print(f"stores: {requests:,} requests per route per round through ASGITransport, {rounds} rounds; "
-          "median req/s [min-max]")
-    for route in ("read", "write"):
-        print(f" /{route}")
-        for kind in CONTENDERS:
+    return results
+
+
+def markdown(results: Results, requests: int, rounds: int) -> list[str]:
+    """The section of docs/benchmarks.md (benchmarks/report.py adds it when both servers are installed)."""
+    lines = ["## Stores for several hosts", "",
+             f"`benchmarks/stores.py`: {requests:,} requests per route and round through httpx's ASGITransport,",
+             f"{rounds} interleaved rounds, requests/s (median, min-max). `/read` reads a counter from an existing",
+             "session, `/write` increments it. Redis (no persistence) and PostgreSQL (default durability: fsync",
+             "and synchronous_commit on) run on loopback, started by the benchmark.", "",
+             "| store | /read req/s | /write req/s |", "|---|---|---|"]
+    for kind in CONTENDERS:
+        cells = []
+        for route in ("read", "write"):
             figures = results[kind, route]
-            print(f"  {kind:<28}{statistics.median(figures):8.0f}  [{min(figures):.0f}-{max(figures):.0f}]")
+            cells.append(f"{statistics.median(figures):.0f} ({min(figures):.0f}-{max(figures):.0f})")
+        lines.append(f"| {kind} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def postgres_bin() -> str:
@@ -126,11 +140,8 @@ def start_postgres(port: int) -> tuple[subprocess.Popen[bytes], str]:
     return server, workdir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def measure(requests: int, rounds: int) -> Results:
+    """Start Redis and PostgreSQL on loopback ports, run the contenders, stop the servers."""
     redis_port, pg_port = free_port(), free_port()
     workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
     redis_server = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -144,8 +155,8 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("PostgreSQL did not start")
             time.sleep(0.05)
-        anyio.run(run, args.requests, args.rounds, redis_port, f"postgresql://postgres@127.0.0.1:{pg_port}/postgres",
-                  workdir)
+        return anyio.run(run, requests, rounds, redis_port, f"postgresql://postgres@127.0.0.1:{pg_port}/postgres",
+                         workdir)
     finally:
         redis_server.terminate()
         pg_server.send_signal(signal.SIGINT)  # a fast shutdown: the pools are still connected
@@ -153,6 +164,26 @@ def main() -> None:
             server.wait()
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(pg_dir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    results = measure(args.requests, args.rounds)
+    print(f"stores: {args.requests:,} requests per route per round through ASGITransport, {args.rounds} rounds; "
+          "median req/s [min-max]")
+    for route in ("read", "write"):
+        print(f" /{route}")
+        for kind in CONTENDERS:
+            figures = results[kind, route]
+            print(f"  {kind:<28}{statistics.median(figures):8.0f}  [{min(figures):.0f}-{max(figures):.0f}]")
+
+
+def available() -> bool:
+    """Whether both servers are installed (report.py skips this section otherwise)."""
+    return shutil.which("redis-server") is not None and any(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import signal
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -316,3 +317,8 @@ def test_a_restart_in_the_middle_of_a_run_gives_no_500(postgres_server: Any) -> 
     assert set(statuses[20:40]) == {503}
     assert set(statuses[40:]) == {200}
 
+
+
+def test_the_readme_gives_the_ddl_the_store_runs() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "```sql\n" + ddl() + "```" in readme
