@@ -109,6 +109,13 @@ def _tagged(value: object) -> str:
     return encode_value(value)
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # another event loop (trio), or none
+        return None
+
+
 class PostgresStore:
     """A session store on PostgreSQL over asyncpg. See the module docstring.
 
@@ -201,10 +208,16 @@ class PostgresStore:
     async def aclose(self) -> None:
         """Close the pool this store made, if any (a pool given to it is left alone). The store may be
         used again afterwards: it then makes a new pool."""
-        pool, self._loop = self._pool, None
+        pool, loop, self._loop = self._pool, self._loop, None
         if not self._own or pool is None:
             return
         self._pool = None
+        if loop is not _running_loop():  # made on another event loop: its connections can only be dropped
+            try:
+                pool.terminate()
+            except RuntimeError:  # that loop is closed
+                pass
+            return
         try:
             with anyio.fail_after(self.timeout):
                 await pool.close()
@@ -213,7 +226,9 @@ class PostgresStore:
             raise
 
     async def _current_pool(self) -> Any:
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
+        if loop is None:
+            raise StoreError("PostgresStore runs on asyncio only (asyncpg does not run on trio)")
         if self._pool is not None and self._loop is loop:
             return self._pool
         if not self._own:

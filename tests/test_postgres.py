@@ -110,7 +110,13 @@ def test_a_pool_used_on_another_event_loop_is_a_store_error(postgres_server: Any
 
 def test_a_session_is_a_row_with_an_absolute_expiry(postgres_server: Any) -> None:
     name = table()
-    store = PostgresStore(factory(postgres_server), table=name)
+    made: list[Any] = []
+
+    async def make() -> Any:
+        made.append(await asyncpg.create_pool(postgres_server.dsn, min_size=1, max_size=2))
+        return made[-1]
+
+    store = PostgresStore(make, table=name)
     with TestClient(app_on(store, max_age=3600)) as client:
         started = time.time()
         token = client.get("/write").headers["set-cookie"].split(";")[0].split("=", 1)[1]
@@ -125,6 +131,7 @@ def test_a_session_is_a_row_with_an_absolute_expiry(postgres_server: Any) -> Non
         assert row[5:] == ["j" + str(2**70 + 1), "j" + repr(0.1 + 0.2), "bAP8gYmluYXJ5"]
         client.get("/write")  # a later write keeps the same end
         assert float(postgres_server.psql(f"SELECT extract(epoch FROM expires_at) FROM {name}")) == expires
+    assert len(made) == 1 and made[0].is_closing()  # the pool it made, it closed at shutdown
     # the indexes of the DDL are there
     indexes = postgres_server.psql(f"SELECT indexname FROM pg_indexes WHERE tablename = '{name}' ORDER BY 1")
     assert indexes.split() == [f"{name}_expires_at", f"{name}_pkey", f"{name}_user_id"]
@@ -322,3 +329,11 @@ def test_a_restart_in_the_middle_of_a_run_gives_no_500(postgres_server: Any) -> 
 def test_the_readme_gives_the_ddl_the_store_runs() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "```sql\n" + ddl() + "```" in readme
+
+
+def test_under_trio_it_is_a_store_error_not_a_crash(postgres_server: Any) -> None:
+    store = PostgresStore(factory(postgres_server), table=table())
+    with pytest.raises(StoreError, match="asyncio only"):
+        anyio.run(store.find, "k", backend="trio")
+    client = TestClient(app_on(store), backend="trio")
+    assert client.get("/write").status_code == 503
