@@ -337,3 +337,30 @@ def test_under_trio_it_is_a_store_error_not_a_crash(postgres_server: Any) -> Non
         anyio.run(store.find, "k", backend="trio")
     client = TestClient(app_on(store), backend="trio")
     assert client.get("/write").status_code == 503
+
+
+def test_the_idle_deadline_moves_by_an_expiry_only_update(postgres_server: Any) -> None:
+    from helpers import FakeClock
+
+    name = table()
+    clock = FakeClock(time.time())
+    app = app_on(PostgresStore(factory(postgres_server), table=name), max_age=1000, idle_timeout=100)
+    app.lifecycle.clock = clock
+    with TestClient(app) as client:
+        client.get("/write")
+
+        def row() -> list[str]:
+            return postgres_server.psql(f"SELECT extract(epoch FROM expires_at), data::text FROM {name}").split("|")
+
+        expires, data = row()
+        assert abs(float(expires) - (clock.now + 100)) < 1
+        clock.advance(5)  # less than a tenth of the idle timeout: nothing written
+        assert client.get("/read").json() == EXPECTED
+        assert row() == [expires, data]
+        clock.advance(30)
+        response = client.get("/read")
+        assert response.json() == EXPECTED and "set-cookie" not in response.headers
+        moved, same = row()
+        assert abs(float(moved) - (clock.now + 100)) < 1 and same == data  # the expiry alone moved
+        clock.advance(101)  # idle for longer than the timeout: gone, whatever the server's clock says
+        assert client.get("/read").json()["big"] == "0"  # a fresh, empty session
