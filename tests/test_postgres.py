@@ -272,7 +272,7 @@ async def test_hosts_opening_at_once_make_the_table_once(postgres_server: Any) -
 
 
 def test_an_unreachable_server_gives_503_within_the_timeout_and_recovers(postgres_server: Any) -> None:
-    store = PostgresStore(factory(postgres_server, timeout=1), table=table(), timeout=0.5)
+    store = PostgresStore(factory(postgres_server, timeout=1), table=table(), timeout=1.0)
     with TestClient(app_on(store)) as client:
         client.get("/write")
         postgres_server.stop()
@@ -293,7 +293,7 @@ def test_a_failing_open_fails_the_startup(postgres_server: Any) -> None:
 
 
 def test_a_stalled_server_gives_503_within_the_timeout(postgres_server: Any) -> None:
-    store = PostgresStore(factory(postgres_server, timeout=1), table=table(), timeout=0.5)
+    store = PostgresStore(factory(postgres_server, timeout=1), table=table(), timeout=1.0)
     with TestClient(app_on(store)) as client:
         client.get("/write")
         assert postgres_server.process is not None
@@ -311,7 +311,7 @@ def test_a_stalled_server_gives_503_within_the_timeout(postgres_server: Any) -> 
 
 
 def test_a_restart_in_the_middle_of_a_run_gives_no_500(postgres_server: Any) -> None:
-    store = PostgresStore(factory(postgres_server, timeout=1), table=table(), timeout=0.5)
+    store = PostgresStore(factory(postgres_server, timeout=1), table=table(), timeout=1.0)
     statuses: list[int] = []
     with TestClient(app_on(store)) as client:
         for i in range(60):
