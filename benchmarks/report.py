@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import stores as stores_bench
 from engine import Series, bench_group_commit, bench_set_get
 from sessions import CONTENDERS, PATHS, WRK_CONTENDERS, WRK_PATHS, added_over_bare, in_process, through_uvicorn
 
@@ -84,6 +85,8 @@ def main() -> None:
     engine, group, http = anyio.run(measure, quick)
 
     wrk = through_uvicorn(5 if quick else 10, 1 if quick else 3, 16)
+    store_requests, store_rounds = (200, 1) if quick else (1000, 3)
+    stores = stores_bench.measure(store_requests, store_rounds) if stores_bench.available() else None
     med = {k: {p: statistics.median(v) for p, v in routes.items()} for k, routes in http.items()}
     added = added_over_bare(http)
     ours = added["buntsession"]
@@ -133,6 +136,8 @@ def main() -> None:
               *series_table(engine["set"], set_raw), "", "### get", "", *series_table(engine["get"], get_dict), "",
               "### group commit (sync=\"always\", 64 concurrent writers)", "", *series_table(group, fsync_each), "",
               "![chart](benchmarks.png)", ""]
+    if stores is not None:  # Redis and PostgreSQL installed
+        lines += [*stores_bench.markdown(stores, store_requests, store_rounds), ""]
     DOCS.mkdir(exist_ok=True)
     target = DOCS / "benchmarks.md"
     kept = other_sections(target.read_text() if target.exists() else "", lines)

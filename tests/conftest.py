@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -174,6 +175,132 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+def postgres_bin() -> str | None:
+    """The bin directory of the newest PostgreSQL that Debian's packages installed, or None."""
+    versions = []
+    for entry in Path("/usr/lib/postgresql").glob("*/bin/postgres"):
+        version = entry.parent.parent.name
+        if version.isdigit():
+            versions.append((int(version), str(entry.parent)))
+    return max(versions)[1] if versions else None
+
+
+def _unprivileged_user() -> str | None:
+    """Who runs the server: PostgreSQL refuses to run as root. None when the tests are not root."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam("buntsession-test")
+    except KeyError:
+        made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                               "buntsession-test"], capture_output=True, check=False)
+        if made.returncode != 0:
+            return "nobody"
+    return "buntsession-test"
+
+
+class PostgresServer:
+    """A PostgreSQL server of its own: initdb into a temporary directory, listening on a free loopback port
+    (and a unix socket in that directory), trust authentication, fsync off. Run as an unprivileged user when
+    the tests run as root."""
+
+    def __init__(self, bindir: str) -> None:
+        import tempfile
+
+        from helpers import free_port
+
+        self.bindir = bindir
+        self.port = free_port()
+        self.user = _unprivileged_user()
+        # in /tmp (not TMPDIR, which may be private to root): the server's user must reach it
+        self.workdir = tempfile.mkdtemp(prefix="buntsession-pg-", dir="/tmp" if self.user else None)
+        self.datadir = os.path.join(self.workdir, "data")
+        if self.user is not None:
+            shutil.chown(self.workdir, self.user)
+        self.process: subprocess.Popen[bytes] | None = None
+        subprocess.run([os.path.join(bindir, "initdb"), "-D", self.datadir, "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8", "--no-sync", "--no-instructions"], user=self.user, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.workdir)
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [os.path.join(self.bindir, "postgres"), "-D", self.datadir, "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.workdir}",
+             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "max_connections=200"],
+            user=self.user, cwd=self.workdir,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready = subprocess.run([os.path.join(self.bindir, "pg_isready"), "-q", "-h", "127.0.0.1", "-p",
+                                    str(self.port)], check=False)
+            if ready.returncode == 0:
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError("postgres did not start")
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT): clients are disconnected at once."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children (each backend is a session of its own: no process group has all)."""
+        assert self.process is not None
+        found = [self.process.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                    found.append(int(entry.name))
+        return found
+
+    def signal_all(self, number: int) -> None:
+        """Send a signal (SIGSTOP: a stalled server; SIGCONT) to the postmaster and every child."""
+        for pid in self.processes():
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:
+                pass
+
+    def psql(self, sql: str) -> str:
+        done = subprocess.run([os.path.join(self.bindir, "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                               "postgres", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                              capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bindir = postgres_bin()
+    if bindir is None:
+        reason = "PostgreSQL is not installed (Debian: apt-get install postgresql); .ci/run installs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = PostgresServer(bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

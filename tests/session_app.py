@@ -122,6 +122,7 @@ ROUTES = [
 
 
 REDIS_PORT: list[int] = []  # set by the store_kind fixture when a test runs on Redis
+POSTGRES_DSN: list[str] = []  # set by the store_kind fixture when a test runs on PostgreSQL
 
 
 def make_store(kind: str, path: str, clock: FakeClock | None = None, **db_options: Any) -> Store:
@@ -144,6 +145,16 @@ def make_store(kind: str, path: str, clock: FakeClock | None = None, **db_option
         from buntsession.redis import RedisStore
 
         return RedisStore(redis.asyncio.Redis(port=REDIS_PORT[0]), prefix=f"test:{uuid.uuid4().hex}:")
+    if kind == "postgres":
+        import uuid
+
+        import asyncpg
+
+        from buntsession.postgres import PostgresStore
+
+        dsn = POSTGRES_DSN[0]  # a pool per event loop: TestClient outside `with` runs each request on a new one
+        return PostgresStore(lambda: asyncpg.create_pool(dsn, min_size=1, max_size=4),
+                             table=f"test_{uuid.uuid4().hex}")
     if kind == "memory":
         return MemoryStore(clock=clock) if clock else MemoryStore()
     db = DB(path, **db_options)

@@ -13,28 +13,34 @@ import anyio
 import httpx
 import pytest
 from helpers import FakeClock, FaultyOps
-from session_app import REDIS_PORT, late_errors, make_app, make_store
+from session_app import POSTGRES_DSN, REDIS_PORT, late_errors, make_app, make_store
 from starlette.testclient import TestClient
 
 from buntsession import DB, BuntStore, MemoryStore, SessionMiddleware
 from buntsession.fastapi import SessionDep
+from buntsession.postgres import PostgresStore
 from buntsession.session import store_key
+
+POSTGRES_SERVER: list[Any] = []  # the conftest's PostgresServer, when a test runs on PostgreSQL
 
 COOKIE = re.compile(r"session=([^;]*);")
 
 
-@pytest.fixture(params=["bunt", "memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["bunt", "memory", "redis", "redis-cluster", "postgres"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     """Every test that takes it runs on each store: one suite, not a copy per store."""
     kind = str(request.param)
-    if kind.startswith("redis"):
+    if kind.startswith("redis") or kind == "postgres":
         params = request.node.callspec.params
         if "trio" in (params.get("anyio_backend"), params.get("backend")):
-            pytest.skip("redis.asyncio runs on asyncio only")
-        if kind == "redis":
-            REDIS_PORT[:] = [request.getfixturevalue("redis_server").port]
-        else:
-            REDIS_PORT[:] = [request.getfixturevalue("redis_cluster").ports[0]]
+            pytest.skip("asyncpg runs on asyncio only" if kind == "postgres" else "redis.asyncio runs on asyncio only")
+    if kind == "redis":
+        REDIS_PORT[:] = [request.getfixturevalue("redis_server").port]
+    if kind == "redis-cluster":
+        REDIS_PORT[:] = [request.getfixturevalue("redis_cluster").ports[0]]
+    if kind == "postgres":
+        POSTGRES_SERVER[:] = [request.getfixturevalue("postgres_server")]
+        POSTGRES_DSN[:] = [POSTGRES_SERVER[0].dsn]
     return kind
 
 
@@ -49,6 +55,11 @@ def records(store: Any) -> int:
         return len(store.db)
     if isinstance(store, MemoryStore):
         return len(store)
+    if isinstance(store, PostgresStore):
+        server = POSTGRES_SERVER[0]
+        if server.psql(f"SELECT to_regclass('\"{store.table}\"') IS NULL") == "t":
+            return 0  # never used: the table was not made
+        return int(server.psql(f'SELECT count(*) FROM "{store.table}" WHERE expires_at > now()'))
     import redis
     import redis.asyncio
 
