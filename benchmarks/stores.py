@@ -1,4 +1,5 @@
-"""Stores side by side, reads and writes: BuntStore, RedisStore, PostgresStore and starsessions' RedisStore.
+"""Stores side by side, reads and writes: BuntStore, RedisStore (one server and a cluster), PostgresStore and
+starsessions' RedisStore.
 
     .venv/bin/pip install -e '.[bench]'     # and Debian's redis-server and postgresql
     .venv/bin/python benchmarks/stores.py [--requests 1000] [--rounds 3]
@@ -20,6 +21,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +38,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the cluster the tests start too
+from redis_cluster import RedisCluster
+
 
 async def read(request: Request) -> PlainTextResponse:
     return PlainTextResponse(str(request.session.get("n", 0)))
@@ -48,11 +53,11 @@ async def write(request: Request) -> PlainTextResponse:
 
 
 ROUTES = [Route("/read", read), Route("/write", write)]
-CONTENDERS = ["buntsession BuntStore", "buntsession RedisStore", "buntsession PostgresStore",
-              "starsessions RedisStore"]
+CONTENDERS = ["buntsession BuntStore", "buntsession RedisStore", "buntsession RedisStore, Redis Cluster",
+              "buntsession PostgresStore", "starsessions RedisStore"]
 
 
-def build(kind: str, redis_port: int, pg_dsn: str, workdir: str) -> Any:
+def build(kind: str, redis_port: int, pg_dsn: str, workdir: str, cluster_port: int) -> Any:
     tag = time.monotonic_ns()
     if kind.startswith("starsessions"):
         from starsessions import SessionAutoloadMiddleware
@@ -72,6 +77,8 @@ def build(kind: str, redis_port: int, pg_dsn: str, workdir: str) -> Any:
         store = BuntStore(DB(os.path.join(workdir, f"{tag}.db")))
     elif kind == "buntsession RedisStore":
         store = RedisStore(redis.asyncio.Redis(port=redis_port), prefix=f"bunt{tag}:")
+    elif kind == "buntsession RedisStore, Redis Cluster":
+        store = RedisStore(redis.asyncio.RedisCluster(host="127.0.0.1", port=cluster_port), prefix=f"bunt{tag}:")
     else:
         store = PostgresStore(lambda: asyncpg.create_pool(pg_dsn, min_size=1, max_size=4), table=f"bench_{tag}")
     return Starlette(routes=ROUTES, middleware=[Middleware(SessionMiddleware, store=store, secret_key="bench")])
@@ -80,11 +87,11 @@ def build(kind: str, redis_port: int, pg_dsn: str, workdir: str) -> Any:
 Results = dict[tuple[str, str], list[float]]
 
 
-async def run(requests: int, rounds: int, redis_port: int, pg_dsn: str, workdir: str) -> Results:
+async def run(requests: int, rounds: int, redis_port: int, pg_dsn: str, workdir: str, cluster_port: int) -> Results:
     results: Results = {(k, r): [] for k in CONTENDERS for r in ("read", "write")}
     for _ in range(rounds):
         for kind in CONTENDERS:
-            app = build(kind, redis_port, pg_dsn, workdir)
+            app = build(kind, redis_port, pg_dsn, workdir, cluster_port)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
                 assert (await client.get("/write")).text == "1", kind  # the session exists from here on
                 for route in ("read", "write"):
@@ -147,7 +154,9 @@ def measure(requests: int, rounds: int) -> Results:
     redis_server = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                                      "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
     pg_server, pg_dir = start_postgres(pg_port)
+    cluster = RedisCluster(workdir)
     try:
+        cluster.start()
         wait_for(redis_port)
         deadline = time.monotonic() + 30  # the port opens a moment before the server accepts sessions
         while subprocess.run([os.path.join(postgres_bin(), "pg_isready"), "-q", "-h", "127.0.0.1", "-p",
@@ -156,8 +165,9 @@ def measure(requests: int, rounds: int) -> Results:
                 raise SystemExit("PostgreSQL did not start")
             time.sleep(0.05)
         return anyio.run(run, requests, rounds, redis_port, f"postgresql://postgres@127.0.0.1:{pg_port}/postgres",
-                         workdir)
+                         workdir, cluster.ports[0])
     finally:
+        cluster.stop()
         redis_server.terminate()
         pg_server.send_signal(signal.SIGINT)  # a fast shutdown: the pools are still connected
         for server in (redis_server, pg_server):

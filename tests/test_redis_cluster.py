@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
-from conftest import RedisCluster, _require_redis_server
+from conftest import _require_redis_server
+from redis_cluster import RedisCluster
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
