@@ -409,7 +409,11 @@ class DB:
             new = change(None if entry is None else entry[0])
             if new is None:
                 return None
-            value = new[0] if type(new[0]) is bytes else _value_bytes(new[0])
+            # Every write path checks the size: a record over the cap could not be read back, and the
+            # file would no longer open.
+            value = new[0]
+            if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
+                value = _value_bytes(value)
             expire_at = None if new[1] is None else _unix_time(new[1])
             return fmt.encode_record(fmt.SET, kb, value, expire_at), (value, expire_at)
 
