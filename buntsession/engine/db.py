@@ -188,6 +188,10 @@ class DB:
                 return
             started = time.perf_counter()
             self._fork_gen = _fork_generation
+            if not self._memory:
+                # The file a symlink names is the data file: it is what a rewrite replaces (the link stays)
+                # and what is locked, whichever path names it. Resolved at each open: the link may move.
+                self._abspath = os.path.realpath(self.path)
             replayed: dict[str, Entry] = {}
             log = None
             if not self._memory:
@@ -796,12 +800,30 @@ def _key_bytes(key: object) -> bytes:
 
 
 def _value_bytes(value: object) -> bytes:
-    if isinstance(value, bytes | bytearray | memoryview):
-        data = value if type(value) is bytes else bytes(value)
-        if len(data) > fmt.MAX_VALUE_SIZE:
-            raise ValueError(f"value of {len(data)} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
-        return data
-    raise TypeError(f"values are bytes-like, not {type(value).__name__}")
+    """`value` as bytes: anything with the buffer protocol (bytes, bytearray, memoryview, array.array...),
+    its raw bytes in memory order. TypeError for anything else (a str included); ValueError over the cap."""
+    if type(value) is bytes:
+        data = value
+    else:
+        try:
+            with memoryview(value) as view:  # type: ignore[arg-type]  # any buffer: checked by the call
+                nbytes = view.nbytes
+                if nbytes > fmt.MAX_VALUE_SIZE:
+                    raise ValueError(f"value of {nbytes} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
+                data = view.tobytes()
+        except TypeError:
+            raise TypeError(f"values are bytes-like, not {type(value).__name__}") from None
+    if len(data) > fmt.MAX_VALUE_SIZE:
+        raise ValueError(f"value of {len(data)} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
+    return data
+
+
+def _show(value: object) -> str:
+    """`repr(value)` cut short: an error message never spells out a number of 400 digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"{'-' if value < 0 else ''}an int of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _seconds(value: object, name: str) -> float:
@@ -810,9 +832,9 @@ def _seconds(value: object, name: str) -> float:
     try:
         seconds = float(value)
     except OverflowError:
-        raise ValueError(f"{name} {value!r} is too large") from None
+        raise ValueError(f"{name} {_show(value)} is too large") from None
     if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{name} must be positive and finite, not {value!r}")
+        raise ValueError(f"{name} must be positive and finite, not {_show(value)}")
     return seconds
 
 
@@ -824,10 +846,10 @@ def _unix_time(value: object) -> float:
     except OverflowError:
         at = math.inf
     if not math.isfinite(at):
-        raise ValueError(f"expire_at must be finite, not {value!r}")
+        raise ValueError(f"expire_at must be finite, not {_show(value)}")
     return at
 
 
 def _require_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+        raise ValueError(f"{name} must be a non-negative int, not {_show(value)}")

@@ -136,6 +136,17 @@ class AppendLog:
         exclusive owner can take it) and the sharers' append lock, held while the file loads; the options
         must equal those of the processes already sharing it.
         """
+        try:
+            return cls._open(path, ops, lock_timeout, apply, shared_options)
+        except OSError as exc:
+            # Any refusal of the OS (a read-only directory, a full disk while creating the file...) is a
+            # StoreError that names the path, never a raw OSError: through the middleware, a 503.
+            raise StoreError(f"{path}: cannot open the data file: {exc.strerror or exc}") from exc
+
+    @classmethod
+    def _open(
+        cls, path: str, ops: FileOps, lock_timeout: float, apply: fmt.Apply, shared_options: str | None
+    ) -> AppendLog:
         _check_path(path, ops)
         lock_fd = None if shared_options is None else _take_append_lock(path, ops, lock_timeout)
         try:
@@ -423,7 +434,9 @@ def _open_locked(
             try:
                 fd = ops.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                continue
+                if os.path.islink(path):  # a dangling symlink: the caller resolves links, so it changed
+                    raise StoreError(f"{path}: a symlink to a missing file") from None
+                continue  # created meanwhile by another opener: open that one
             created = True
         except OSError as exc:
             raise StoreError(f"{path}: cannot open the data file: {exc.strerror}") from exc

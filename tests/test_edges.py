@@ -1,0 +1,121 @@
+"""Edges of the engine found by trying it as a hostile user would (issue 10), each reproduced here."""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+from helpers import FaultyOps, contents, read_state
+
+from buntsession import DB, FileLockedError, StoreError
+
+
+def _run(main, *args):  # type: ignore[no-untyped-def]
+    return anyio.run(main, *args)
+
+
+class DeniedOps(FaultyOps):
+    """The OS refusing to create the file, as a read-only directory does (the tests run as root, who may
+    write anywhere, so the refusal is injected at the system call; a non-root run also tries the real one)."""
+
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return super().open(path, flags, mode)
+
+
+def test_an_os_error_on_open_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
+    path = str(tmp_path / "new.db")
+    db = DB(path)
+    db._fileops = DeniedOps()
+
+    async def main() -> None:
+        await db.open()
+
+    with pytest.raises(StoreError) as info:
+        _run(main)
+    assert path in str(info.value) and "Permission denied" in str(info.value)
+    assert isinstance(info.value.__cause__, PermissionError)
+    assert not os.path.exists(path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may create files in a read-only directory")
+def test_a_read_only_directory_is_a_store_error(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o500)
+    try:
+        with pytest.raises(StoreError, match="Permission denied"):
+            read_state(str(tmp_path / "new.db"))
+    finally:
+        os.chmod(tmp_path, 0o700)
+
+
+def test_a_dangling_symlink_creates_the_file_it_points_to(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    link = tmp_path / "sessions.db"
+    link.symlink_to(volume / "sessions.db")
+
+    async def main() -> None:
+        with anyio.fail_after(10):  # it used to retry the exclusive create forever
+            async with DB(str(link)) as db:
+                await db.set("k", b"v")
+
+    _run(main)
+    assert link.is_symlink() and (volume / "sessions.db").is_file()
+    assert read_state(str(volume / "sessions.db")) == {"k": b"v"}
+
+
+def test_a_symlinked_file_stays_a_symlink_through_a_rewrite_and_is_locked_by_either_name(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    target = volume / "sessions.db"
+    link = tmp_path / "sessions.db"
+    link.symlink_to(target)
+
+    async def main() -> None:
+        async with DB(str(link)) as db:
+            for i in range(50):
+                await db.set(f"k{i}", b"x" * 100)
+            await db.shrink()
+            await db.set("after", b"the rewrite")
+            with pytest.raises(FileLockedError):
+                await DB(str(target)).open()
+            assert not os.path.exists(str(link) + ".rewrite")
+        async with DB(str(target)):
+            with pytest.raises(FileLockedError):
+                await DB(str(link)).open()
+
+    _run(main)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    state = read_state(str(target))
+    assert state["after"] == b"the rewrite" and len(state) == 51
+
+
+def test_any_bytes_like_value_is_taken(db_path: str) -> None:
+    async def main() -> None:
+        async with DB(db_path) as db:
+            await db.set("array", array.array("H", [1, 2, 3]))
+            await db.update("array2", lambda _: (array.array("b", [7]), None))  # type: ignore[arg-type,return-value]
+            assert await db.get("array") == array.array("H", [1, 2, 3]).tobytes()
+            assert await db.get("array2") == b"\x07"
+            with pytest.raises(TypeError):
+                await db.set("text", "not bytes")  # type: ignore[arg-type]
+            assert await contents(db) == {"array": array.array("H", [1, 2, 3]).tobytes(), "array2": b"\x07"}
+
+    _run(main)
+
+
+def test_a_huge_number_is_named_briefly_in_the_error(db_path: str) -> None:
+    async def main() -> None:
+        async with DB(db_path) as db:
+            for call in (lambda: db.set("k", b"v", ttl=10**400), lambda: db.expire("k", 10**400),
+                         lambda: db.set("k", b"v", expire_at=10**400), lambda: db.set("k", b"v", ttl=-(10**400))):
+                with pytest.raises(ValueError) as info:
+                    await call()
+                assert len(str(info.value)) < 120, str(info.value)
+
+    _run(main)
