@@ -119,3 +119,71 @@ def test_a_huge_number_is_named_briefly_in_the_error(db_path: str) -> None:
                 assert len(str(info.value)) < 120, str(info.value)
 
     _run(main)
+
+
+def test_a_data_file_deleted_under_a_running_db_is_put_back(db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with DB(db_path, cleanup_interval=0.05) as db:
+            for i in range(100):
+                await db.set(f"k{i}", f"v{i}".encode())
+            os.unlink(db_path)
+            with anyio.fail_after(10):  # the background pass notices, says so, and writes the live set back
+                while not os.path.exists(db_path):
+                    await anyio.sleep(0.02)
+            await db.set("after", b"written to the restored file")
+            assert db.stats().shrinks == 1
+            os.unlink(db_path)
+            await db.shrink()  # an explicit shrink does not pretend: it puts the file back too
+            assert os.path.exists(db_path)
+            os.unlink(db_path)
+            await db.set("last", b"before close")  # and close puts it back, whatever the background did
+
+    _run(main)
+    state = read_state(db_path)
+    assert len(state) == 102 and state["after"] == b"written to the restored file" and state["last"] == b"before close"
+    assert any("deleted" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
+def test_one_db_used_from_two_event_loops_at_once_under_always(db_path: str) -> None:
+    """The contract allows one thread at a time; two at once work (writes serialise, each thread leads its
+    own group commit) rather than hanging on another loop's event."""
+    import threading
+
+    db = DB(db_path, sync="always")
+    anyio.run(db.open)
+    errors: list[BaseException] = []
+
+    def writer(name: str, backend: str) -> None:
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                for t in range(4):
+                    async def run(t: int = t) -> None:
+                        for i in range(100):
+                            await db.set(f"{name}{t}:{i % 10}", f"{name}-{t}-{i}".encode())
+                            await db.update(f"{name}:count", lambda old: (str(int(old or b"0") + 1).encode(), None))
+                    tg.start_soon(run)
+
+        try:
+            anyio.run(main, backend=backend)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(name, backend)) for name, backend in
+               (("a", "asyncio"), ("b", "trio"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive(), "a writer hung"
+    assert errors == []
+
+    async def finish() -> dict[str, bytes]:
+        state = await contents(db)
+        await db.close()
+        return state
+
+    state = anyio.run(finish)
+    expected = {f"{n}{t}:{k}": f"{n}-{t}-{90 + k}".encode() for n in "ab" for t in range(4) for k in range(10)}
+    expected |= {"a:count": b"400", "b:count": b"400"}
+    assert state == expected
+    assert read_state(db_path) == expected
