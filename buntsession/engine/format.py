@@ -103,6 +103,12 @@ class Damage:
     fatal: bool = False
     """True for a record whose checksums hold but whose content this version cannot use: never a torn tail."""
 
+    @property
+    def corrupt(self) -> bool:
+        """The one rule for what is damage rather than a torn tail: an unusable record, or invalid bytes that
+        a valid record follows. Open, shared-mode catch-up and the operator tools all judge by it."""
+        return self.fatal or self.next_valid is not None
+
 
 Apply = Callable[[int, str, bytes, float | None], None]
 

@@ -14,6 +14,8 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from buntsession.engine import format as fmt
@@ -87,6 +89,19 @@ class FileOps:
 
     def phase(self, name: str) -> None:
         """Called after each phase of a rewrite: snapshot, tail, fsync, rename, dirsync. Does nothing here."""
+
+
+@contextmanager
+def mapped_file(ops: FileOps, fd: int, size: int) -> Iterator[memoryview]:
+    """The first `size` bytes of the file, mapped read-only (copied where mapping is not possible): the one
+    way the engine and the operator tools read a whole data file."""
+    data = ops.read_all(fd, size)
+    try:
+        with memoryview(data) as view:
+            yield view
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
 
 
 class AppendFailed(Exception):
@@ -288,7 +303,7 @@ class AppendLog:
             return None  # someone else caught up meanwhile: these bytes are applied already
         with memoryview(fresh) as view:
             done, damage = fmt.replay(view, 0, apply)
-        if damage is not None and (damage.fatal or damage.next_valid is not None):
+        if damage is not None and damage.corrupt:
             raise CorruptFileError(self.path, self.end + damage.offset, damage.reason)
         self.end += done
         if damage is not None and holding_append_lock:
@@ -304,7 +319,7 @@ class AppendLog:
             return b""
         with memoryview(fresh) as view:
             done, damage = fmt.replay(view, 0, _ignore)
-        if damage is not None and (damage.fatal or damage.next_valid is not None):
+        if damage is not None and damage.corrupt:
             raise CorruptFileError(self.path, start + damage.offset, damage.reason)
         return fresh[:done]
 
@@ -325,18 +340,13 @@ class AppendLog:
             if not ops.try_lock(fd, shared=True):
                 raise FileLockedError(self.path, "an exclusive owner took the file over")
             st = ops.fstat(fd)
-            data = ops.read_all(fd, st.st_size)
-            try:
-                with memoryview(data) as view:
-                    try:
-                        fmt.check_file_header(view)
-                    except fmt.HeaderError as exc:
-                        raise CorruptFileError(self.path, 0, exc.reason) from None
-                    end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
-            finally:
-                if isinstance(data, mmap.mmap):
-                    data.close()
-            if damage is not None and (damage.fatal or damage.next_valid is not None):
+            with mapped_file(ops, fd, st.st_size) as view:
+                try:
+                    fmt.check_file_header(view)
+                except fmt.HeaderError as exc:
+                    raise CorruptFileError(self.path, 0, exc.reason) from None
+                end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
+            if damage is not None and damage.corrupt:
                 raise CorruptFileError(self.path, damage.offset, damage.reason)
         except BaseException:
             ops.close(fd)
@@ -680,27 +690,22 @@ def _initialise(path: str, fd: int, ops: FileOps, size: int) -> int:
 
 
 def _load(path: str, fd: int, size: int, ops: FileOps, apply: fmt.Apply) -> int:
-    data = ops.read_all(fd, size)
-    try:
-        with memoryview(data) as view:
-            try:
-                fmt.check_file_header(view)
-            except fmt.HeaderError as exc:
-                if not exc.torn:
-                    raise CorruptFileError(path, 0, exc.reason) from None
-                torn_header = True
-            else:
-                torn_header = False
-                end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
-    finally:
-        if isinstance(data, mmap.mmap):
-            data.close()
+    with mapped_file(ops, fd, size) as view:
+        try:
+            fmt.check_file_header(view)
+        except fmt.HeaderError as exc:
+            if not exc.torn:
+                raise CorruptFileError(path, 0, exc.reason) from None
+            torn_header = True
+        else:
+            torn_header = False
+            end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
     if torn_header:
         logger.warning("%s: incomplete file header (%d bytes) from an interrupted creation; starting the file anew",
                        path, size)
         return _initialise(path, fd, ops, size)
     if damage is not None:
-        if damage.fatal or damage.next_valid is not None:
+        if damage.corrupt:
             where = "" if damage.next_valid is None else f" (a valid record follows at {damage.next_valid})"
             raise CorruptFileError(path, damage.offset, damage.reason + where)
         logger.warning("%s: torn tail at byte offset %d (%s): dropping %d bytes", path, end, damage.reason,
