@@ -97,10 +97,11 @@ async def bench_set_get(workdir: str, n: int, rounds: int) -> dict[str, list[Ser
         index: dict[str, tuple[bytes, float | None]] = {}
         heap: list[tuple[float, str]] = []
         encode, write, now, push, SET = fmt.encode_record, os.write, time.time, heapq.heappush, fmt.SET
+        salt = fmt.new_file_header().salt
 
         async def floor_set(key: str, value: bytes, ttl: float) -> None:
             exp = now() + ttl
-            write(fd, encode(SET, key.encode(), value, exp))
+            write(fd, encode(SET, key.encode(), value, exp, salt))
             index[key] = (value, exp)
             push(heap, (exp, key))
 

@@ -187,3 +187,83 @@ def test_one_db_used_from_two_event_loops_at_once_under_always(db_path: str) -> 
     expected |= {"a:count": b"400", "b:count": b"400"}
     assert state == expected
     assert read_state(db_path) == expected
+
+
+def _embedding_file(path: str, torn: bool) -> tuple[bytes, int]:
+    """A file whose record's value holds the bytes of a whole record (framed as anyone could frame one,
+    without this file's salt), with that record's header zeroed: damage (or, last in the file, a torn tail)
+    that sends a reader searching for the next record, inside the value."""
+    from buntsession.engine import format as fmt
+
+    forged = fmt.encode_record(fmt.SET, b"admin", b"granted", None)
+    forged_v1 = fmt.encode_record(fmt.SET, b"admin", b"granted", None, 0x5EED)  # and with a guessed salt
+
+    async def fill() -> None:
+        async with DB(path) as db:
+            await db.set("first", b"1")
+            await db.set("profile", b"bio: " + forged + forged_v1)
+            if not torn:
+                await db.set("after", b"2")
+
+    anyio.run(fill)
+    from helpers import record_offsets
+
+    data = bytearray(Path(path).read_bytes())
+    at = record_offsets(bytes(data))[1]
+    data[at : at + 28] = bytes(28)
+    Path(path).write_bytes(bytes(data))
+    return bytes(data), at
+
+
+def test_a_value_holding_a_record_is_never_read_back_as_one(tmp_path: Path) -> None:
+    """Edge 2: `repair` used to write `admin = granted`, a key never set; `dump` listed it."""
+    import json
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "d.db")
+    _embedding_file(path, torn=False)
+    done = subprocess.run([sys.executable, "-m", "buntsession", "dump", path], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert "admin" not in done.stdout and done.returncode in (0, 2)
+    done = subprocess.run([sys.executable, "-m", "buntsession", "repair", "--keep-suspect", path],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done
+    assert "admin" not in read_state(path)
+    keys = {json.loads(line)["key"] for line in subprocess.run(
+        [sys.executable, "-m", "buntsession", "dump", path], capture_output=True, text=True, timeout=60,
+        check=False).stdout.splitlines()}
+    assert keys == {"first", "after"}  # the real record after the damage is found; the one in the value is not
+
+
+def test_a_torn_last_record_whose_value_holds_a_record_is_cut_as_a_tail(tmp_path: Path) -> None:
+    """Edge 2: open used to raise CorruptFileError, taking the embedded record for one after damage."""
+    path = str(tmp_path / "d.db")
+    _, at = _embedding_file(path, torn=True)
+    assert read_state(path) == {"first": b"1"}  # the torn record is cut, the file opens
+    assert os.path.getsize(path) == at
+
+
+def test_a_version_1_file_is_read_appended_to_and_rewritten_as_version_1(tmp_path: Path) -> None:
+    import zlib
+
+    from buntsession.engine import format as fmt
+
+    head = fmt.FILE_HEADER_V1.pack(fmt.MAGIC, 1, 0, 0)[:-4]
+    v1 = head + zlib.crc32(head).to_bytes(4, "little")
+    v1 += fmt.encode_record(fmt.SET, b"old", b"from version 1", None) + fmt.encode_record(fmt.SET, b"x", b"1", None)
+    path = str(tmp_path / "v1.db")
+    Path(path).write_bytes(v1)
+
+    async def main() -> None:
+        async with DB(path) as db:
+            assert await contents(db) == {"old": b"from version 1", "x": b"1"}
+            await db.set("new", b"appended")
+            await db.delete("x")
+        assert Path(path).read_bytes()[: len(v1)] == v1
+        async with DB(path) as db:
+            await db.shrink()
+        assert fmt.check_file_header(Path(path).read_bytes()).version == 1
+
+    _run(main)
+    assert read_state(path) == {"old": b"from version 1", "new": b"appended"}

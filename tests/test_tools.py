@@ -77,7 +77,7 @@ def test_stats_and_dump(good: str) -> None:
     assert all((line["expire_at"] is None) == (int(line["key"][1:]) % 3 == 0) for line in lines)
 
 
-def test_repair_keeps_every_valid_record_ends_the_suspect_keys_and_keeps_the_original(good: str, tmp_path: Path) -> None:
+def test_repair_keeps_every_valid_record_ends_suspect_keys_and_keeps_the_original(good: str, tmp_path: Path) -> None:
     original = Path(good).read_bytes()
     offsets = record_offsets(original)
     data = bytearray(original)
@@ -94,7 +94,7 @@ def test_repair_keeps_every_valid_record_ends_the_suspect_keys_and_keeps_the_ori
     assert len(record_offsets(repaired)) == len(offsets) - 1 + 2
     assert "ended 2 keys" in done.stdout
     state = read_state(good)
-    assert len(state) == 29 - 1 - 2 and not {"k0", "k2", "k3"} & state.keys()  # the damaged record was k3's set
+    assert len(state) == 29 - 1 - 2 and not {"k0", "k2", "k3"} & state.keys()  # the damaged one was k3's set
     assert run("repair", good).stdout.endswith("clean, nothing to repair\n")
 
 

@@ -41,6 +41,7 @@ in its final phase polls until it is done.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import os
@@ -85,6 +86,7 @@ _HOST_SLACK: Final = 0.1
 """How late the host task may be with its periodic work before a call does it instead."""
 
 _monotonic = time.monotonic
+_heappush = heapq.heappush
 _get_ident = threading.get_ident
 
 # A child process forked after open shares the parent's file and lock; it must not use them. Its copies
@@ -214,6 +216,7 @@ class DB:
         self._transition: _Gate | None = None  # an open or a close in progress
         self._log: AppendLog | None = None
         self._link: SharedLink | None = None  # shared mode: catching up with the other processes
+        self._salt = 0  # the file's salt: every record this DB frames starts its checksums from it
         self._index = Index()
         self._guard = threading.Lock()
         """Held by each synchronous write step, never across an await: only a second thread ever waits."""
@@ -279,6 +282,7 @@ class DB:
             self._index = Index(replayed, self._clock())
             self._base_size = live_size(self._index.data)
             self._log = log
+            self._salt = 0 if log is None else log.salt
             self._failed, self._closing, self._shrinks, self._restore = None, False, 0, False
             self._shrink_retry_at, self._shrink_backoff = 0.0, _SHRINK_RETRY_FIRST
             self._open = True
@@ -451,6 +455,9 @@ class DB:
     def _schedule(self) -> None:
         """When a write must do the periodic work itself: when it is due, or a little later while a host
         task is alive to do it."""
+        if self._gate is not None or self._link is not None:
+            self._due = -math.inf  # every write takes the general path: it waits at the gate, or catches up
+            return
         due = self._cleanup_due
         if self.sync_policy == "everysec":
             due = min(due, self._sync_due)
@@ -611,25 +618,36 @@ class DB:
             expire_at = self._clock() + ttl
         else:
             expire_at = self._expire_at(ttl)
-        record = fmt.encode_record(fmt.SET, kb, value, expire_at)
+        record = fmt.encode_record(fmt.SET, kb, value, expire_at, self._salt)
         entry = (value, expire_at)
-        if self._gate is not None or self._link is not None or _monotonic() >= self._due:
+        if _monotonic() >= self._due:  # a closed gate, shared mode, or periodic work due: the general path
             await self._write(key, lambda _: (record, entry))
             return
         guard = self._guard
         if not guard.acquire(False):  # positional: the keyword form costs twice as much
             guard.acquire()  # another thread in a synchronous step (two loops at once): microseconds
         failed = None
+        deferred = False
         try:
             if not self._open or self._failed is not None or self._fork_gen != _fork_generation:
                 self._writable()  # raises why
             log = self._log
-            deferred = self._gate is not None  # closed by another thread since the check above
-            if not deferred:
+            if self._gate is not None:
+                deferred = True  # closed by another thread since the check above
+            else:
                 if log is not None:
-                    failed = self._append(log, record)
-                if failed is None:
-                    self._index.put(key, entry)
+                    log.append(record)  # the one write: AppendLog.append itself (the blocking watch allows it)
+                # Index.put, inlined: this is the hottest path of the engine.
+                index = self._index
+                data = index.data
+                old = data.get(key)
+                data[key] = entry
+                if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
+                    _heappush(index.heap, (expire_at, key))
+        except AppendFailed as exc:
+            self._gate = _Gate()  # no one appends until the failed write is cut off
+            self._due = -math.inf
+            failed = exc
         finally:
             guard.release()
         if deferred:
@@ -661,7 +679,7 @@ class DB:
             if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
                 value = _value_bytes(value)
             expire_at = None if new[1] is None else _unix_time(new[1])
-            return fmt.encode_record(fmt.SET, kb, value, expire_at), (value, expire_at)
+            return fmt.encode_record(fmt.SET, kb, value, expire_at, self._salt), (value, expire_at)
 
         return await self._write(key, plan)
 
@@ -679,7 +697,7 @@ class DB:
         def plan(entry: Entry | None) -> tuple[bytes, Entry | None] | None:
             if entry is None:
                 return None
-            return fmt.encode_record(fmt.EXPIRE, kb, b"", expire_at), (entry[0], expire_at)
+            return fmt.encode_record(fmt.EXPIRE, kb, b"", expire_at, self._salt), (entry[0], expire_at)
 
         return await self._write(key, plan)
 
@@ -687,7 +705,7 @@ class DB:
         """Remove `key`. True if it existed; an expired key does not, and nothing is written for it."""
         kb = _key_bytes(key)
         return await self._write(key, lambda entry: None if entry is None else
-                                 (fmt.encode_record(fmt.DEL, kb, b"", None), None))
+                                 (fmt.encode_record(fmt.DEL, kb, b"", None, self._salt), None))
 
     async def _write(self, key: str, plan: Callable[[Entry | None], tuple[bytes, Entry | None] | None]) -> bool:
         """The general write: wait for a closed gate, do overdue periodic work, catch up with the other
@@ -759,6 +777,7 @@ class DB:
             log.append(record)
         except AppendFailed as exc:
             self._gate = _Gate()
+            self._due = -math.inf
             return exc
         return None
 
@@ -772,6 +791,7 @@ class DB:
             self._fail(trunc_exc, "truncating a failed write")
         finally:
             self._gate = None
+            self._schedule()
             if gate is not None:
                 gate.event.set()
         raise StoreError(str(exc)) from exc.__cause__
@@ -938,7 +958,7 @@ class DB:
             rw = await anyio.to_thread.run_sync(log.rewrite_begin, start, restore, generation)
             buffer: list[bytes] = []
             pending = 0
-            encode = fmt.encode_record
+            encode, salt = fmt.encode_record, log.salt
             for first in range(0, len(keys), _SNAPSHOT_CHUNK):
                 if self._closing and not restore:
                     raise _Aborted
@@ -946,7 +966,7 @@ class DB:
                 for key in keys[first : first + _SNAPSHOT_CHUNK]:
                     entry = data.get(key)
                     if entry is not None and (entry[1] is None or entry[1] > now):
-                        record = encode(fmt.SET, key.encode(), entry[0], entry[1])
+                        record = encode(fmt.SET, key.encode(), entry[0], entry[1], salt)
                         buffer.append(record)
                         pending += len(record)
                 if pending >= _SNAPSHOT_WRITE:
@@ -961,6 +981,7 @@ class DB:
                 raise _Aborted
             # The final phase: this DB's writers wait at the gate (and, shared, the others at the append lock).
             gate = self._gate = _Gate()
+            self._due = -math.inf
             try:
                 with anyio.CancelScope(shield=True):
                     if link is not None:
@@ -970,6 +991,7 @@ class DB:
                         size = await anyio.to_thread.run_sync(log.rewrite_finish, rw)
             finally:
                 self._gate = None
+                self._schedule()
                 gate.event.set()
         except (_Aborted, Superseded):
             if rw is not None:

@@ -115,9 +115,13 @@ class Superseded(Exception):
 class AppendLog:
     """One open data file. The owner serialises `append`, `truncate_to_end` and the end of `rewrite`."""
 
-    def __init__(self, path: str, fd: int, end: int, ops: FileOps, lock_fd: int | None = None) -> None:
+    def __init__(self, path: str, fd: int, end: int, ops: FileOps, lock_fd: int | None = None,
+                 header: fmt.FileHeader | None = None) -> None:
         self.path = path
         self.fd = fd
+        self.header = header or fmt.new_file_header()
+        """The file's header: its version and salt, which appends and rewrites keep."""
+        self.salt = self.header.salt
         self.inode = ops.fstat(fd).st_ino
         self.generation = 0
         """Counts the moves to another file (a rewrite's swap, a sharer's newer file): unlike an inode
@@ -136,7 +140,7 @@ class AppendLog:
         self.sync_lock = threading.Lock()
         """Held by fsync and by the file swap at the end of a rewrite, so an fsync never sees a closed fd."""
         self._ops = ops
-
+        self._write = ops.write  # the one call of every append: looked up once
     # -- opening -----------------------------------------------------------------------------------------
 
     @classmethod
@@ -172,9 +176,9 @@ class AppendLog:
                 size = ops.fstat(fd).st_size
                 _remove_leftover(path + REWRITE_SUFFIX, ops)
                 if created or size == 0:
-                    end = _initialise(path, fd, ops, size)
+                    end, header = _initialise(path, fd, ops, size)
                 else:
-                    end = _load(path, fd, size, ops, apply)
+                    end, header = _load(path, fd, size, ops, apply)
             except BaseException:
                 ops.close(fd)
                 raise
@@ -184,14 +188,14 @@ class AppendLog:
             raise
         if lock_fd is not None:
             ops.unlock(lock_fd)
-        return cls(path, fd, end, ops, lock_fd)
+        return cls(path, fd, end, ops, lock_fd, header)
 
     # -- writing -----------------------------------------------------------------------------------------
 
     def append(self, data: bytes) -> None:
         """Write one record (or batch) with one write call. Raises AppendFailed, leaving `end` unchanged."""
         try:
-            n = self._ops.write(self.fd, data)
+            n = self._write(self.fd, data)
         except OSError as exc:
             raise AppendFailed(f"write to {self.path} failed: {exc}") from exc
         if n != len(data):
@@ -302,7 +306,7 @@ class AppendLog:
         if start != self.end:
             return None  # someone else caught up meanwhile: these bytes are applied already
         with memoryview(fresh) as view:
-            done, damage = fmt.replay(view, 0, apply)
+            done, damage = fmt.replay(view, 0, apply, self.salt)
         if damage is not None and damage.corrupt:
             raise CorruptFileError(self.path, self.end + damage.offset, damage.reason)
         self.end += done
@@ -318,7 +322,7 @@ class AppendLog:
         if not fresh:
             return b""
         with memoryview(fresh) as view:
-            done, damage = fmt.replay(view, 0, _ignore)
+            done, damage = fmt.replay(view, 0, _ignore, self.salt)
         if damage is not None and damage.corrupt:
             raise CorruptFileError(self.path, start + damage.offset, damage.reason)
         return fresh[:done]
@@ -342,21 +346,22 @@ class AppendLog:
             st = ops.fstat(fd)
             with mapped_file(ops, fd, st.st_size) as view:
                 try:
-                    fmt.check_file_header(view)
+                    header = fmt.check_file_header(view)
                 except fmt.HeaderError as exc:
                     raise CorruptFileError(self.path, 0, exc.reason) from None
-                end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
+                end, damage = fmt.replay(view, header.size, apply, header.salt)
             if damage is not None and damage.corrupt:
                 raise CorruptFileError(self.path, damage.offset, damage.reason)
         except BaseException:
             ops.close(fd)
             raise
-        return Replacement(fd, end, st.st_ino, st.st_size)
+        return Replacement(fd, end, st.st_ino, st.st_size, header)
 
     def switch(self, new: Replacement) -> None:
         """Move to a loaded replacement file (its index is already in place)."""
         with self.sync_lock:
             old, self.fd, self.end, self.inode = self.fd, new.fd, new.end, new.inode
+            self.header, self.salt = new.header, new.header.salt
             self.generation += 1
             self.synced = self.written  # what we wrote is in the new file, which its writer fsynced
             self._ops.close(old)
@@ -394,7 +399,7 @@ class AppendLog:
             raise Superseded(self.path)
         try:
             ops.ftruncate(fd, 0)
-            size = write_all(ops, fd, fmt.encode_file_header())
+            size = write_all(ops, fd, self.header.encode())  # the same version and salt: the tail is copied
             # The rewrite copies the tail from a descriptor of its own: in shared mode a read may move this
             # log to a file another sharer's rewrite put at the path (and close the old descriptor) meanwhile.
             with self.sync_lock:  # a switch to another file holds it
@@ -501,6 +506,7 @@ class Replacement:
     end: int
     inode: int
     size: int
+    header: fmt.FileHeader
 
 
 @dataclass
@@ -678,28 +684,28 @@ def _remove_leftover(path: str, ops: FileOps) -> None:
     logger.info("removed %s, left over from an interrupted rewrite", path)
 
 
-def _initialise(path: str, fd: int, ops: FileOps, size: int) -> int:
+def _initialise(path: str, fd: int, ops: FileOps, size: int) -> tuple[int, fmt.FileHeader]:
     """Write the header into a new or empty file and make the file's existence durable."""
-    header = fmt.encode_file_header()
+    header = fmt.new_file_header()
     if size:
         ops.ftruncate(fd, 0)
-    write_all(ops, fd, header)
+    write_all(ops, fd, header.encode())
     ops.fsync(fd)
     ops.fsync_dir(path)
-    return len(header)
+    return header.size, header
 
 
-def _load(path: str, fd: int, size: int, ops: FileOps, apply: fmt.Apply) -> int:
+def _load(path: str, fd: int, size: int, ops: FileOps, apply: fmt.Apply) -> tuple[int, fmt.FileHeader]:
     with mapped_file(ops, fd, size) as view:
         try:
-            fmt.check_file_header(view)
+            header = fmt.check_file_header(view)
         except fmt.HeaderError as exc:
             if not exc.torn:
                 raise CorruptFileError(path, 0, exc.reason) from None
             torn_header = True
         else:
             torn_header = False
-            end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
+            end, damage = fmt.replay(view, header.size, apply, header.salt)
     if torn_header:
         logger.warning("%s: incomplete file header (%d bytes) from an interrupted creation; starting the file anew",
                        path, size)
@@ -712,4 +718,4 @@ def _load(path: str, fd: int, size: int, ops: FileOps, apply: fmt.Apply) -> int:
                        size - end)
         ops.ftruncate(fd, end)
         ops.fsync(fd)
-    return end
+    return end, header

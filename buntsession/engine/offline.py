@@ -104,7 +104,7 @@ def _open_readable(path: str) -> int:
 def _scan(path: str, view: memoryview, progress: Callable[[int], None] | None) -> FileScan:
     result = FileScan(path, len(view))
     try:
-        fmt.check_file_header(view)
+        header = fmt.check_file_header(view)
     except fmt.HeaderError as exc:
         if exc.torn:
             result.new_file = True
@@ -113,7 +113,7 @@ def _scan(path: str, view: memoryview, progress: Callable[[int], None] | None) -
             result.header_error = exc.reason
         return result
     state, last = result.state, result.last_record
-    for item in fmt.walk(view):
+    for item in fmt.walk(view, header.size, header.salt):
         if isinstance(item, fmt.Record):
             result.records += 1
             apply_record(state, item.rtype, item.key, item.value, item.expire_at)
@@ -196,11 +196,13 @@ def repair_file(path: str, *, keep_suspect: bool = False, progress: Callable[[in
                 return found  # nothing to repair, or nothing to keep (open starts a new file anew)
             suspect = found.suspect(time.time() if now is None else now)
             ended = [] if keep_suspect else suspect
+            header = fmt.check_file_header(view)
+            log.header, log.salt = header, header.salt  # the new file keeps the version and the salt
             rw = log.rewrite_begin(log.end)
             try:
                 kept = kept_bytes = 0
                 chunk: list[bytes] = []
-                for item in fmt.walk(view):
+                for item in fmt.walk(view, header.size, header.salt):
                     if isinstance(item, fmt.Record):
                         chunk.append(bytes(view[item.offset : item.end]))
                         kept += 1
@@ -208,7 +210,7 @@ def repair_file(path: str, *, keep_suspect: bool = False, progress: Callable[[in
                         if len(chunk) >= 1000:
                             log.rewrite_write(rw, b"".join(chunk))
                             chunk = []
-                chunk.extend(fmt.encode_record(fmt.DEL, key.encode(), b"", None) for key in ended)
+                chunk.extend(fmt.encode_record(fmt.DEL, key.encode(), b"", None, header.salt) for key in ended)
                 if chunk:
                     log.rewrite_write(rw, b"".join(chunk))
                 log.rewrite_tail(rw)

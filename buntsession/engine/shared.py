@@ -65,11 +65,13 @@ class SharedLink:
     async def refresh(self) -> None:
         """Catch up with the file before a read: one stat when nothing changed."""
         db = self._db
+        # A rewrite of ours swapping files first: its end already counts the others' records it took in,
+        # which reach the index only when the swap is done, so `behind()` cannot be trusted until then.
+        while (gate := db._gate) is not None:
+            await gate.wait(lambda: db._gate is gate)
         log = db._log
         if log is None or not log.behind():
             return
-        while (gate := db._gate) is not None:  # a rewrite of ours is swapping files: wait for it
-            await gate.wait(lambda: db._gate is gate)
         while log.replaced():
             # The reload (ours, or one this waited for) read the new file as it was then: records appended
             # to it since, perhaps acknowledged before this read began, are caught up below.
@@ -169,7 +171,7 @@ class SharedLink:
     def apply_copied(self, records: bytes) -> None:
         if records:
             with memoryview(records) as view:
-                fmt.replay(view, 0, self._db._index.apply)
+                fmt.replay(view, 0, self._db._index.apply, self._db._salt)  # the same file's records
 
     # -- internals --------------------------------------------------------------------------------------------
 
@@ -212,6 +214,7 @@ class SharedLink:
             try:
                 db._index = Index(replayed, db._clock())
                 log.switch(new)
+                db._salt = log.salt  # a file recreated meanwhile has a salt of its own
             finally:
                 guard.release()
         finally:
