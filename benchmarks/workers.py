@@ -82,6 +82,11 @@ def main() -> None:
             rps = statistics.median(results[(name, route)])
             cells.append(f"{route} {rps:7.0f} ({rps / base[route]:.2f}x)")
         print(f"  {name:<22}" + "   ".join(cells))
+    one, two = CONTENDERS[1][0], CONTENDERS[2][0]
+    for route in ("read", "write"):
+        scale = statistics.median(results[(two, route)]) / statistics.median(results[(one, route)])
+        print(f"  shared-mode scaling, {route}: 2 workers / 1 worker = {scale:.2f}x"
+              + (" (target at least 1.6x)" if route == "write" else ""))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     buntsession check FILE     verify every record; exit 0 clean, 1 torn tail only, 2 damaged
     buntsession stats FILE     keys, live vs file size, expiry spread (--json too)
     buntsession dump FILE      one JSON object per live key (value in base64, expiry as unix time)
-    buntsession repair FILE    keep every valid record; the original is kept as FILE.corrupt-<time>
+    buntsession repair FILE    keep every valid record, end the keys whose later records may have been lost
+                               in the damage (--keep-suspect keeps them); the original is FILE.corrupt-<time>
     buntsession shrink FILE    rewrite the file to its live set
 
 Usage errors exit 64, a missing file 66, a file held by a running process 75.
@@ -36,8 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("file")
         if name == "stats":
             command.add_argument("--json", action="store_true", help="one JSON object")
+        if name == "repair":
+            command.add_argument("--keep-suspect", action="store_true",
+                                 help="keep the keys whose later records may have been lost in the damage")
     args = parser.parse_args(argv)
-    options = {"as_json": args.json} if args.command == "stats" else {}
+    options: dict[str, bool] = {}
+    if args.command == "stats":
+        options = {"as_json": args.json}
+    elif args.command == "repair":
+        options = {"keep_suspect": args.keep_suspect}
     try:
         return tools.COMMANDS[args.command](args.file, sys.stdout, **options)
     except tools.ToolError as exc:

@@ -89,8 +89,9 @@ def fix_record_checksums(data: bytearray, offset: int) -> None:
     body = offset + fmt.RECORD_HEADER_SIZE
     key = bytes(data[body : body + key_len])
     value = bytes(data[body + key_len : body + key_len + value_len])
-    data[offset + 20 : offset + 24] = zlib.crc32(value, zlib.crc32(key)).to_bytes(4, "little")
-    data[offset + 24 : offset + 28] = zlib.crc32(bytes(data[offset : offset + 24])).to_bytes(4, "little")
+    salt = fmt.check_file_header(bytes(data)).salt  # the checksums start from the file's salt
+    data[offset + 20 : offset + 24] = zlib.crc32(value, zlib.crc32(key, salt)).to_bytes(4, "little")
+    data[offset + 24 : offset + 28] = zlib.crc32(bytes(data[offset : offset + 24]), salt).to_bytes(4, "little")
 
 
 async def contents(db: DB) -> dict[str, bytes]:

@@ -284,3 +284,25 @@ async def test_update_reads_and_writes_atomically(db_path: str) -> None:
         assert db.stats().file_size == size
     async with DB(db_path) as db:
         assert await db.get("n") == b"200"
+
+
+async def test_no_write_path_stores_a_value_it_could_not_read_back(db_path: str) -> None:
+    from buntsession.engine import format as fmt
+
+    big = b"x" * (fmt.MAX_VALUE_SIZE + 1)
+    async with DB(db_path) as db:
+        await db.set("small", b"kept")
+        size = db.stats().file_size
+        with pytest.raises(ValueError, match="over the limit"):
+            await db.set("k", big)
+        with pytest.raises(ValueError, match="over the limit"):
+            await db.set("k", bytearray(big))
+        with pytest.raises(ValueError, match="over the limit"):
+            await db.update("k", lambda _: (big, None))
+        with pytest.raises(ValueError, match="over the limit"):
+            await db.update("small", lambda _: (memoryview(big), None))
+        assert db.stats().file_size == size
+        assert await db.get("small") == b"kept"
+        assert await db.get("k") is None
+    async with DB(db_path) as db:  # the file still opens, with what was written
+        assert await contents(db) == {"small": b"kept"}

@@ -24,6 +24,7 @@ from test_cookie_fuzz import CountingStore
 from test_crash import CHILD
 
 from buntsession import DB, BuntStore, StoreError
+from buntsession.engine import format as fmt
 
 
 def test_a_short_write_at_the_file_size_limit_is_cut_back_and_writes_resume(tmp_path: Path) -> None:
@@ -153,8 +154,9 @@ def test_a_tampered_stored_session_loads_fresh_with_a_warning(tmp_path: Path, ca
     assert len(forged) != len(value)
     record = data[offset : body + key_len] + forged
     record[8:12] = len(forged).to_bytes(4, "little")
-    record[20:24] = zlib.crc32(forged, zlib.crc32(bytes(data[body : body + key_len]))).to_bytes(4, "little")
-    record[24:28] = zlib.crc32(bytes(record[:24])).to_bytes(4, "little")
+    salt = fmt.check_file_header(bytes(data)).salt  # a tamperer with the file has its salt too
+    record[20:24] = zlib.crc32(forged, zlib.crc32(bytes(data[body : body + key_len]), salt)).to_bytes(4, "little")
+    record[24:28] = zlib.crc32(bytes(record[:24]), salt).to_bytes(4, "little")
     Path(path).write_bytes(bytes(data[:offset]) + bytes(record))
     caplog.set_level(logging.WARNING, logger="buntsession")
     reopened = TestClient(make_app(BuntStore(DB(path))), cookies=client.cookies)

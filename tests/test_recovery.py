@@ -176,7 +176,7 @@ def test_wrong_magic_and_newer_version_are_refused(tmp_path: Path) -> None:
     assert info.value.offset == 0
     assert Path(path).read_bytes() == sqlite_like
 
-    head = fmt.FILE_HEADER.pack(fmt.MAGIC, fmt.VERSION + 1, 0, 0)[:-4]
+    head = fmt.FILE_HEADER.pack(fmt.MAGIC, fmt.VERSION + 1, 0, 0, 0)[:-4]
     future = head + __import__("zlib").crc32(head).to_bytes(4, "little")
     write_file(path, future)
     with pytest.raises(CorruptFileError, match="newer"):
@@ -186,10 +186,11 @@ def test_wrong_magic_and_newer_version_are_refused(tmp_path: Path) -> None:
 
 def test_empty_file_and_torn_header_start_anew(tmp_path: Path) -> None:
     path = str(tmp_path / "d.db")
-    for content in (b"", fmt.encode_file_header()[:9]):
+    for content in (b"", fmt.encode_file_header()[:9], fmt.encode_file_header()[:17]):
         write_file(path, content)
         assert read_state(path) == {}
-        assert Path(path).read_bytes() == fmt.encode_file_header()
+        data = Path(path).read_bytes()
+        assert len(data) == fmt.FILE_HEADER_SIZE and fmt.check_file_header(data).version == fmt.VERSION
 
 
 def test_expired_overwrite_does_not_resurrect_the_older_value(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_stats_and_dump(good: str) -> None:
     assert all((line["expire_at"] is None) == (int(line["key"][1:]) % 3 == 0) for line in lines)
 
 
-def test_repair_keeps_every_valid_record_and_the_original(good: str, tmp_path: Path) -> None:
+def test_repair_keeps_every_valid_record_ends_suspect_keys_and_keeps_the_original(good: str, tmp_path: Path) -> None:
     original = Path(good).read_bytes()
     offsets = record_offsets(original)
     data = bytearray(original)
@@ -89,9 +89,12 @@ def test_repair_keeps_every_valid_record_and_the_original(good: str, tmp_path: P
     assert (tmp_path / aside).read_bytes() == bytes(data) + b"torn"  # nothing it could not read is lost
     assert run("check", good).returncode == 0
     repaired = Path(good).read_bytes()
-    assert len(record_offsets(repaired)) == len(offsets) - 1  # every record but the damaged one
+    # Every record but the damaged one, and a DEL for each key whose last record comes before the damage
+    # (k0 and k2: a later record of theirs may have been in the damaged bytes; k1's DEL comes after it).
+    assert len(record_offsets(repaired)) == len(offsets) - 1 + 2
+    assert "ended 2 keys" in done.stdout
     state = read_state(good)
-    assert len(state) == 29 - 1 and "k3" not in state  # the damaged record was k3's set
+    assert len(state) == 29 - 1 - 2 and not {"k0", "k2", "k3"} & state.keys()  # the damaged one was k3's set
     assert run("repair", good).stdout.endswith("clean, nothing to repair\n")
 
 

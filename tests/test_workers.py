@@ -114,7 +114,7 @@ def test_four_workers_share_one_file_under_load(tmp_path: Path) -> None:
 
     try:
         anyio.run(run)
-        assert errors == []
+        assert errors == [], '\n'.join(errors)
         assert counts["writes"] > 500 and counts["cross_reads"] > 500
         with httpx.Client(timeout=10) as http:  # every session reads back right through every live worker
             for cookie, n in expected.items():

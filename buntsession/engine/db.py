@@ -1,17 +1,46 @@
-"""`DB`: the in-memory index over the append-only file, expiry, and the background work.
+"""`DB`: the in-memory index over the append-only file, expiry, and the background work as anyio tasks.
 
-Threads, not tasks: a DB holds no state tied to an event loop, so it serves asyncio and trio alike, and a
-loop that ends (Starlette's TestClient runs each request on a new one) takes nothing of the DB with it.
+Who runs what
+-------------
 
-- The event loop's thread reads the index without a lock (one dict lookup is atomic) and writes under
-  `_lock`: one `write` call to the file, then the index, so the file's order is the index's order.
-- One maintenance thread per open DB fsyncs once a second (`sync="everysec"`), drops expired keys from
-  memory in bounded batches, and rewrites the file when it has grown enough (autoshrink).
-- Worker threads (anyio's) run open, close, fsync for `sync="always"` and `db.sync()`, and `db.shrink()`.
+- The index (`Index`: a dict and an expiry heap) is touched only by code running on an event loop, in
+  synchronous steps: a write appends its record with one `write` call and updates the index with no
+  `await` in between, so the file's order is the index's order and `update` is atomic without a lock.
+- Every blocking file call but that one append runs in an anyio worker thread: open and load, fsync,
+  truncation, the rewrite's writes, rename and directory fsync.
+- The periodic work (the "everysec" fsync, dropping expired keys from memory in bounded batches, autoshrink)
+  runs as anyio tasks in the DB's own task group. The package starts no thread of its own.
+
+Who owns the background tasks
+-----------------------------
+
+`open()` cannot know whether the matching `close()` will come from the same task (an `async with DB(...)`,
+the middleware's lifespan) or never (served without lifespan, where the first request opens the DB and
+each request may run on a new event loop). Entering a task group in the caller's task would break the
+second case: that task would end, or leave cancel scopes, with the group still open. So the first `open()`
+starts one detached task on its event loop (an asyncio task, or a trio system task), and that task hosts the
+DB's own anyio task group. `close()` cancels the group and waits for it; when the event loop ends first (a
+request's loop under Starlette's `TestClient`, or an `anyio.run` that opened the DB and returned), the loop
+cancels the host task, and the DB goes on without one.
+
+Without a live host (or with a host that the loop has no time to run, such as under a write loop that never
+yields) the same work is done as calls arrive: a write that finds the periodic work overdue does a bounded
+step of it first (one fsync, one batch of expired keys, or an autoshrink that is due), so every acknowledged
+write reaches the OS and the file is fsynced about once a second as long as writes come.
+
+Threads
+-------
+
+A DB keeps no state tied to one event loop, so one DB may be used under asyncio and trio, one loop after
+another. Two threads at once (two event loops using one DB concurrently) also work: the synchronous write
+steps take a lock that is never held across an `await` (so waiting for it is bounded by one step), a group
+commit waits only for an fsync led from its own thread, and a thread that finds another thread's rewrite
+in its final phase polls until it is done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import math
@@ -19,17 +48,20 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Final, Literal, NoReturn, get_args
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
 from buntsession.engine import format as fmt
-from buntsession.engine.log import AppendFailed, AppendLog, FileOps, Superseded
+from buntsession.engine.index import Entry, Index, apply_record, live_size
+from buntsession.engine.log import AppendFailed, AppendLog, FileOps, Rewrite, Superseded
+from buntsession.engine.shared import SharedLink
 from buntsession.errors import FileLockedError, StoreError
 
 __all__ = ["DB", "Stats", "SyncPolicy"]
@@ -40,16 +72,22 @@ SyncPolicy = Literal["everysec", "always", "never"]
 MEMORY: Final = ":memory:"
 
 _CLEANUP_BATCH: Final = 500
-"""Expired keys dropped per hold of the lock: small enough that a writer never waits long for it."""
+"""Expired keys dropped per step on the event loop: well under a millisecond."""
 _SNAPSHOT_CHUNK: Final = 1000
+"""Keys encoded per step of a rewrite's snapshot on the event loop."""
+_SNAPSHOT_WRITE: Final = 1 << 20
+"""Bytes of encoded snapshot handed to a worker thread at once."""
 _FAST_KEY_CHARS: Final = fmt.MAX_KEY_SIZE  # an ASCII key this long encodes within the limit
 _FAST_TTL_LIMIT: Final = 1 << 52  # below it an int ttl converts to float exactly and the sum stays finite
 _SHRINK_RETRY_FIRST: Final = 60.0
 _SHRINK_RETRY_MAX: Final = 3600.0
+_SYNC_INTERVAL: Final = 1.0
+_HOST_SLACK: Final = 0.1
+"""How late the host task may be with its periodic work before a call does it instead."""
 
-KeySet = set[str]  # spelled here because inside DB, `set` names the method
-Entry = tuple[bytes, float | None]
-"""What the index keeps per key: the value and its absolute expiry (unix seconds) or None."""
+_monotonic = time.monotonic
+_heappush = heapq.heappush
+_get_ident = threading.get_ident
 
 # A child process forked after open shares the parent's file and lock; it must not use them. Its copies
 # of the open DBs forget their keys, so every call (reads included) finds the fork and refuses.
@@ -61,7 +99,8 @@ def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
     for db in list(_open_dbs):
-        db._data = {}
+        db._index = Index()
+        db._guard = threading.Lock()  # it may have been held by a thread that did not survive the fork
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -81,6 +120,52 @@ class Stats:
     """fsync calls on the data file since open."""
     shrinks: int
     """Rewrites of the data file since open."""
+
+
+class _Gate:
+    """Holds a DB's writers while something that must not interleave with appends runs (the end of a
+    rewrite, cutting a failed append, opening and closing). Made and opened on one event loop."""
+
+    __slots__ = ("event", "thread")
+
+    def __init__(self) -> None:
+        self.thread = _get_ident()
+        self.event = anyio.Event()
+
+    async def wait(self, still_closed: Callable[[], bool]) -> None:
+        if _get_ident() == self.thread:
+            await self.event.wait()
+        else:  # another thread's loop owns the event: poll (only when two threads use one DB at once)
+            while still_closed():  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+
+
+class _Host:
+    """The detached task that hosts a DB's task group on one event loop (see the module docstring)."""
+
+    __slots__ = ("cancel_soon", "done", "scope", "stopped", "thread")
+
+    def __init__(self, cancel_soon: Callable[[Callable[[], object]], object]) -> None:
+        self.thread = _get_ident()
+        self.cancel_soon = cancel_soon
+        """Runs a callable on the host's loop, from any thread."""
+        self.scope: anyio.CancelScope | None = None
+        self.stopped = False
+        self.done: anyio.Event | None = None
+
+    def stop(self) -> None:
+        """Cancel the host's task group (from any thread)."""
+        self.stopped = True
+        scope = self.scope
+        if scope is None:
+            return
+        if _get_ident() == self.thread:
+            scope.cancel()
+        else:
+            try:
+                self.cancel_soon(scope.cancel)
+            except RuntimeError:
+                pass  # its loop has closed: nothing runs there any more
 
 
 class DB:
@@ -125,51 +210,121 @@ class DB:
         self._fileops = FileOps()
         self._clock: Callable[[], float] = time.time
 
-        self._state_lock = threading.Lock()  # open/close counting
         self._users = 0
         self._fork_gen = _fork_generation
         self._open = False
-        self._lock = threading.Lock()  # writes (file then index), cleanup batches, the end of a rewrite
+        self._transition: _Gate | None = None  # an open or a close in progress
         self._log: AppendLog | None = None
-        self._data: dict[str, Entry] = {}
-        self._heap: list[tuple[float, str]] = []
-        # Each key with an expiry has a heap entry at or before it. Extending an expiry pushes nothing:
-        # when the old entry comes due, the cleanup pass pushes the key again at its new time.
+        self._link: SharedLink | None = None  # shared mode: catching up with the other processes
+        self._salt = 0  # the file's salt: every record this DB frames starts its checksums from it
+        self._index = Index()
+        self._guard = threading.Lock()
+        """Held by each synchronous write step, never across an await: only a second thread ever waits."""
+        self._gate: _Gate | None = None
         self._failed: BaseException | None = None
-        self._worker: _Maintenance | None = None
-        self._shrink_lock = threading.Lock()
-        self._sync_batch: anyio.Event | None = None  # set while a group-commit fsync is in flight
+        self._host: _Host | None = None
+        self._sync_batch: tuple[int, anyio.Event] | None = None  # a group-commit fsync in flight: thread, event
+        self._syncing = False  # a background fsync in flight
+        self._rewriting: _Gate | None = None  # a rewrite in progress (its gate opens when it ends)
+        self._rewriting_soon = False  # an autoshrink task was started
+        self._restore = False  # the data file was deleted under us: the next rewrite puts it back
+        self._sync_due = self._cleanup_due = 0.0
+        self._due = math.inf
+        """Monotonic time from which a write does the overdue periodic work itself."""
         self._shrinks = 0
         self._base_size = 0
         self._shrink_retry_at = 0.0
         self._shrink_backoff = _SHRINK_RETRY_FIRST
         self._closing = False
-        self._cleanup_max_hold = 0.0  # longest hold of _lock by one cleanup batch, for tests and benchmarks
+        self._cleanup_max_hold = 0.0  # longest cleanup step on the loop, for tests and benchmarks
         self._cleanup_batches = 0
+        self._sync_gaps: list[float] = []  # monotonic times of the everysec fsyncs, for the benchmark
+        self._record_sync_times = False
 
-    def __new__(cls, path: str | os.PathLike[str], *args: object, shared: bool = False, **kwargs: object) -> DB:
-        if shared and cls is DB:
-            from buntsession.engine.shared import SharedDB  # noqa: PLC0415  (shared imports this module)
-
-            return super().__new__(SharedDB)
-        return super().__new__(cls)
+    @property
+    def _data(self) -> dict[str, Entry]:
+        """The index's dict (tests and benchmarks look at it)."""
+        return self._index.data
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
-        return f"DB({self.path!r}, sync={self.sync_policy!r}) [{state}]"
+        return f"DB({self.path!r}, sync={self.sync_policy!r}{', shared=True' if self.shared else ''}) [{state}]"
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Lock and load the file (the first call), or count one more user (later calls)."""
-        await anyio.to_thread.run_sync(self._open_blocking)
+        """Lock and load the file (the first call), or count one more user (later calls).
+
+        The first call also starts the background tasks on this event loop (see the module docstring).
+        Raises StoreError (the path cannot hold a data file, or an OS error), FileLockedError (another
+        owner), CorruptFileError (damage before the tail; the file is left as it was).
+        """
+        await self._wait_transition()
+        if self._users:
+            self._check_process()
+            self._users += 1
+            return
+        gate = self._transition = _Gate()
+        try:
+            started = time.perf_counter()
+            self._fork_gen = _fork_generation
+            replayed: dict[str, Entry] = {}
+            log = None
+            if not self._memory:
+                # The file a symlink names is the data file: it is what a rewrite replaces (the link stays)
+                # and what is locked, whichever path names it. Resolved at each open: the link may move.
+                self._abspath = await anyio.to_thread.run_sync(os.path.realpath, self.path)
+                link = SharedLink(self) if self.shared else None
+                log = await anyio.to_thread.run_sync(partial(
+                    AppendLog.open, self._abspath, self._fileops, self.lock_timeout, partial(apply_record, replayed),
+                    None if link is None else link.options()))
+                self._link = link
+            self._index = Index(replayed, self._clock())
+            self._base_size = live_size(self._index.data)
+            self._log = log
+            self._salt = 0 if log is None else log.salt
+            self._failed, self._closing, self._shrinks, self._restore = None, False, 0, False
+            self._shrink_retry_at, self._shrink_backoff = 0.0, _SHRINK_RETRY_FIRST
+            self._open = True
+            self._users = 1
+            _open_dbs.add(self)
+            now = _monotonic()
+            self._sync_due = now + _SYNC_INTERVAL
+            self._cleanup_due = now + self.cleanup_interval
+            self._start_host()
+            self._schedule()
+            if log is not None:
+                logger.info("opened %s%s: %d keys, %d bytes, in %.3f s", self._abspath,
+                            " (shared)" if self.shared else "", len(self._index.data), log.end,
+                            time.perf_counter() - started)
+        finally:
+            self._transition = None
+            gate.event.set()
 
     async def close(self) -> None:
-        """Count one user less; the last one fsyncs, stops the background work and releases the file.
+        """Count one user less; the last one stops the background tasks, fsyncs and releases the file.
 
-        Closing a DB that is not open does nothing.
+        Closing a DB that is not open does nothing. A cancelled close still closes (it is shielded).
+        Raises StoreError when the final fsync fails (writes since the last fsync may be lost).
         """
-        await anyio.to_thread.run_sync(self._close_blocking)
+        with anyio.CancelScope(shield=True):
+            await self._wait_transition()
+            if not self._users:
+                return
+            if self._fork_gen != _fork_generation:
+                # A forked child: forget its copy. The file and its lock are the parent's: touch neither.
+                self._users, self._open, self._log, self._host = 0, False, None, None
+                self._index = Index()
+                return
+            self._users -= 1
+            if self._users:
+                return
+            gate = self._transition = _Gate()
+            try:
+                await self._release()
+            finally:
+                self._transition = None
+                gate.event.set()
 
     async def __aenter__(self) -> DB:
         await self.open()
@@ -180,95 +335,173 @@ class DB:
     ) -> None:
         await self.close()
 
-    def _open_blocking(self) -> None:
-        with self._state_lock:
-            if self._users:
-                self._check_process()
-                self._users += 1
-                return
-            started = time.perf_counter()
-            self._fork_gen = _fork_generation
-            replayed: dict[str, Entry] = {}
-            log = None
-            if not self._memory:
-                log = AppendLog.open(self._abspath, self._fileops, self.lock_timeout, _replayer(replayed),
-                                     self._shared_options())
-            self._install_index(replayed)
-            self._log = log
-            self._failed, self._closing, self._shrinks = None, False, 0
-            self._shrink_retry_at, self._shrink_backoff = 0.0, _SHRINK_RETRY_FIRST
-            self._open = True
-            self._users = 1
-            _open_dbs.add(self)
-            self._worker = _Maintenance(self)
-            self._worker.start()
-            if log is not None:
-                logger.info("opened %s%s: %d keys, %d bytes, in %.3f s", self._abspath,
-                            " (shared)" if self.shared else "", len(self._data), log.end,
-                            time.perf_counter() - started)
+    async def _wait_transition(self) -> None:
+        while (gate := self._transition) is not None:
+            await gate.wait(lambda: self._transition is gate)
 
-    def _install_index(self, replayed: dict[str, Entry]) -> None:
-        """Make the replayed records the index: drop what has expired, build the expiry heap."""
-        now = self._clock()
-        data = {key: entry for key, entry in replayed.items() if entry[1] is None or entry[1] > now}
-        heap = [(exp, key) for key, (_, exp) in data.items() if exp is not None]
-        heapq.heapify(heap)
-        self._data, self._heap = data, heap
-        self._base_size = _live_size(data)
-
-    def _shared_options(self) -> str | None:
-        """What every process sharing the file must agree on (None: not shared)."""
-        return None
-
-    def _exclusive(self, final: bool) -> AbstractContextManager[object]:
-        """What a rewrite holds while it takes its snapshot and while it swaps the files."""
-        return self._lock
-
-    def _close_blocking(self) -> None:
-        with self._state_lock:
-            if not self._users:
-                return
-            if self._fork_gen != _fork_generation:
-                # A forked child: forget its copy. Locks may have been held by threads that did not
-                # survive the fork, and the file and its lock are the parent's: touch neither.
-                self._users, self._open, self._log, self._worker = 0, False, None, None
-                self._data, self._heap = {}, []
-                return
-            self._users -= 1
-            if self._users:
-                return
-            self._release()
-
-    def _release(self) -> None:
-        self._closing = True  # a rewrite in progress gives up at its next chunk
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.stop()
-        with self._shrink_lock, self._lock:
-            self._open = False
-            log, self._log = self._log, None
+    async def _release(self) -> None:
+        self._closing = True  # a rewrite in progress gives up at its next step
+        await self._stop_host()
+        while (rewriting := self._rewriting) is not None:
+            await rewriting.wait(lambda: self._rewriting is rewriting)
+        while (gate := self._gate) is not None:
+            await gate.wait(lambda: self._gate is gate)
+        log = self._log
+        self._check_unlinked()
+        if log is not None and self._restore and self._failed is None:
+            await self._rewrite(explicit=False)  # the file was deleted under us: put it back before closing
+        self._open = False
+        self._log, self._link = None, None
         _open_dbs.discard(self)
-        self._data, self._heap = {}, []
+        self._index = Index()
+        self._due = math.inf
         if log is None:
             return
         error: OSError | None = None
         if self._failed is None:
             try:
-                log.sync_to(log.written)
+                await anyio.to_thread.run_sync(log.sync_to, log.written)
             except OSError as exc:
                 logger.error("fsync of %s at close failed: %s", log.path, exc)
                 error = exc
-        log.close()
+        await anyio.to_thread.run_sync(log.close)
         if error is not None:
             raise StoreError(f"{self._abspath}: fsync at close failed; writes since the last fsync may be lost") \
                 from error
+
+    # -- the background host ---------------------------------------------------------------------------------
+
+    def _start_host(self) -> None:
+        """Start the detached task that hosts this DB's task group on the running event loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            host = _Host(loop.call_soon_threadsafe)
+            task = loop.create_task(self._host_main(host), name=f"buntsession background {self.path}")
+            self._host_task: object = task  # the loop keeps only a weak reference to its tasks
+        else:
+            import trio  # noqa: PLC0415  (only under trio, which is then installed)
+
+            host = _Host(trio.lowlevel.current_trio_token().run_sync_soon)
+            trio.lowlevel.spawn_system_task(self._host_main, host, name=f"buntsession background {self.path}")
+        self._host = host
+
+    async def _stop_host(self) -> None:
+        host, self._host = self._host, None
+        if host is None:
+            return
+        host.stop()
+        if host.done is not None and _get_ident() == host.thread:
+            await host.done.wait()
+
+    async def _host_main(self, host: _Host) -> None:
+        if host.stopped:
+            return  # closed before this task first ran
+        host.done = anyio.Event()
+        try:
+            # A loop that is ending cancels the host at once: start no task then (under trio, a task started
+            # in a nursery that is being cancelled would never run its coroutine).
+            await anyio.lowlevel.checkpoint()
+            if host.stopped:
+                return
+            async with anyio.create_task_group() as tg:
+                host.scope = tg.cancel_scope  # no await since the check above: stop() cancels it from now on
+                await self._background(tg)
+        finally:
+            if self._host is host:
+                self._host = None  # the loop is ending: calls do the work from now on
+                self._schedule()
+            host.done.set()
+
+    async def _background(self, tg: anyio.abc.TaskGroup) -> None:
+        """The host's loop: the everysec fsync once a second (timed from the start of the last one, so the
+        gap stays a second), expiry cleanup and the check for a deleted file every `cleanup_interval` (at
+        most a second), and an autoshrink, when due, as a task of its own so the fsyncs go on meanwhile.
+
+        The host runs this in its own body rather than in child tasks: a child that its loop never started
+        (a loop stopped for good, as anyio's pytest runner does between tests) would hang the loop's final
+        cancellation of its tasks."""
+        everysec = self.sync_policy == "everysec"
+        while True:
+            wake = min(self._cleanup_due, self._sync_due) if everysec else self._cleanup_due
+            await anyio.sleep(max(0.0, wake - _monotonic()))
+            try:
+                now = _monotonic()
+                if everysec and now >= self._sync_due:
+                    await self._everysec_sync()
+                if now >= self._cleanup_due:
+                    self._cleanup_due = now + min(self.cleanup_interval, _SYNC_INTERVAL)
+                    self._schedule()
+                    await self._drop_expired()
+                    self._check_unlinked()
+                    if self._shrink_due():
+                        self._rewriting_soon = True
+                        tg.start_soon(self._autoshrink)
+            except Exception:
+                logger.exception("background work on %s failed", self._abspath)
+
+    async def _autoshrink(self) -> None:
+        try:
+            await self._rewrite(explicit=False)
+        except StoreError:
+            pass  # closed or failed meanwhile: the next call says so
+        except Exception:
+            logger.exception("autoshrink of %s failed", self._abspath)
+        finally:
+            self._rewriting_soon = False
+
+    def _schedule(self) -> None:
+        """When a write must do the periodic work itself: when it is due, or a little later while a host
+        task is alive to do it."""
+        if self._gate is not None or self._link is not None:
+            self._due = -math.inf  # every write takes the general path: it waits at the gate, or catches up
+            return
+        due = self._cleanup_due
+        if self.sync_policy == "everysec":
+            due = min(due, self._sync_due)
+        self._due = due + (_HOST_SLACK if self._host is not None else 0.0)
+
+    async def _work_as_calls_arrive(self) -> None:
+        """A bounded step of overdue periodic work, done by a write (no host, or a starved one)."""
+        now = _monotonic()
+        if self.sync_policy == "everysec" and now >= self._sync_due:
+            await self._everysec_sync()
+        if now >= self._cleanup_due:
+            self._cleanup_due = now + min(self.cleanup_interval, _SYNC_INTERVAL)
+            self._drop_expired_step()
+            self._check_unlinked()
+            if self._host is None and self._shrink_due():
+                await self._rewrite(explicit=False)
+        self._schedule()
+
+    async def _everysec_sync(self) -> None:
+        started = _monotonic()
+        self._sync_due = started + _SYNC_INTERVAL
+        self._schedule()
+        log = self._log
+        if log is None or self._failed is not None or self._syncing or log.synced >= log.written:
+            return
+        self._syncing = True
+        try:
+            await anyio.to_thread.run_sync(log.sync_to, log.written)
+            if self._record_sync_times:
+                self._sync_gaps.append(_monotonic())
+        except OSError as exc:
+            if self._open and self._log is log:
+                self._fail(exc, "background fsync")
+        finally:
+            self._syncing = False
 
     # -- reads -----------------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
         """The value of `key`, or None when it is absent or expired."""
+        if self._link is not None:
+            await self._link.refresh()
         # A closed DB, and a forked child's copy, hold no keys: a hit needs no further checks.
-        entry = self._data.get(key)
+        entry = self._index.data.get(key)
         if entry is not None:
             exp = entry[1]
             if exp is None or exp > self._clock():
@@ -280,7 +513,9 @@ class DB:
 
     async def get_with_expiry(self, key: str) -> tuple[bytes, float | None] | None:
         """The value of `key` and its absolute expiry (unix time, or None), or None when absent or expired."""
-        entry = self._data.get(key)
+        if self._link is not None:
+            await self._link.refresh()
+        entry = self._index.data.get(key)
         if entry is not None:
             exp = entry[1]
             if exp is None or exp > self._clock():
@@ -292,7 +527,9 @@ class DB:
 
     async def ttl(self, key: str) -> float | None:
         """Seconds until `key` expires, or None when it has no expiry, is absent, or has expired."""
-        entry = self._data.get(key)
+        if self._link is not None:
+            await self._link.refresh()
+        entry = self._index.data.get(key)
         if entry is None:
             self._check_read(key)
             return None
@@ -314,39 +551,43 @@ class DB:
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         if not self._open or self._fork_gen != _fork_generation:
             self._raise_unusable()
-        keys = list(self._data)  # one C-level copy: atomic with respect to other threads
+        if self._link is not None:
+            await self._link.refresh()
+        keys = list(self._index.data)
         for start in range(0, len(keys), _SNAPSHOT_CHUNK):
             await anyio.lowlevel.checkpoint()
             if not self._open:
                 self._raise_unusable()
             now = self._clock()
+            data = self._index.data
             for key in keys[start : start + _SNAPSHOT_CHUNK]:
                 if key.startswith(prefix):
-                    entry = self._data.get(key)
+                    entry = data.get(key)
                     if entry is not None and (entry[1] is None or entry[1] > now):
                         yield key
 
     def __len__(self) -> int:
-        """Live keys: expired keys never count, whether or not they were dropped from memory yet."""
+        """Live keys: expired keys never count, whether or not they were dropped from memory yet.
+        In shared mode, as far as this process has read the file (the next async call catches up)."""
         if not self._open or self._fork_gen != _fork_generation:
             self._raise_unusable()
-        with self._lock:
-            return len(self._data) - len(self._expired_keys(self._clock()))
+        index = self._index
+        return len(index.data) - index.expired_count(self._clock())
 
     def stats(self) -> Stats:
-        """Counters of an open DB."""
+        """Counters of an open DB. Never waits: it reads the index and the file's counters as they are."""
         if not self._open or self._fork_gen != _fork_generation:
             self._raise_unusable()
-        with self._lock:
-            expired = len(self._expired_keys(self._clock()))
-            log = self._log
-            return Stats(
-                keys=len(self._data) - expired,
-                expired=expired,
-                file_size=log.end if log else 0,
-                fsyncs=log.fsyncs if log else 0,
-                shrinks=self._shrinks,
-            )
+        index = self._index
+        expired = index.expired_count(self._clock())
+        log = self._log
+        return Stats(
+            keys=len(index.data) - expired,
+            expired=expired,
+            file_size=log.end if log else 0,
+            fsyncs=log.fsyncs if log else 0,
+            shrinks=self._shrinks,
+        )
 
     # -- writes ----------------------------------------------------------------------------------------------
 
@@ -377,23 +618,45 @@ class DB:
             expire_at = self._clock() + ttl
         else:
             expire_at = self._expire_at(ttl)
-        record = fmt.encode_record(fmt.SET, kb, value, expire_at)
-        if not self._lock.acquire(False):  # positional: the keyword form costs twice as much
-            await self._wait_for_lock()
+        record = fmt.encode_record(fmt.SET, kb, value, expire_at, self._salt)
+        entry = (value, expire_at)
+        if _monotonic() >= self._due:  # a closed gate, shared mode, or periodic work due: the general path
+            await self._write(key, lambda _: (record, entry))
+            return
+        guard = self._guard
+        if not guard.acquire(False):  # positional: the keyword form costs twice as much
+            guard.acquire()  # another thread in a synchronous step (two loops at once): microseconds
+        failed = None
+        deferred = False
         try:
             if not self._open or self._failed is not None or self._fork_gen != _fork_generation:
                 self._writable()  # raises why
             log = self._log
-            if log is not None:
-                try:
-                    log.append(record)
-                except AppendFailed as exc:
-                    await self._recover_append(log, exc)
-            self._put(key, (value, expire_at))
+            if self._gate is not None:
+                deferred = True  # closed by another thread since the check above
+            else:
+                if log is not None:
+                    log.append(record)  # the one write: AppendLog.append itself (the blocking watch allows it)
+                # Index.put, inlined: this is the hottest path of the engine.
+                index = self._index
+                data = index.data
+                old = data.get(key)
+                data[key] = entry
+                if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
+                    _heappush(index.heap, (expire_at, key))
+        except AppendFailed as exc:
+            self._gate = _Gate()  # no one appends until the failed write is cut off
+            self._due = -math.inf
+            failed = exc
         finally:
-            self._lock.release()
-        if self._always and log is not None:
-            await self._sync_to(log, log.written)
+            guard.release()
+        if deferred:
+            await self._write(key, lambda _: (record, entry))
+        elif log is not None:
+            if failed is not None:
+                await self._recover_append(log, failed)
+            if self._always:
+                await self._sync_to(log, log.written)
 
     async def update(self, key: str, change: Callable[[bytes | None], tuple[bytes, float | None] | None]) -> bool:
         """Read, change and write `key` atomically: no other write to the DB comes in between.
@@ -401,7 +664,8 @@ class DB:
         `change` gets the live value (None when absent or expired) and returns the new value with its
         absolute expiry (unix time, or None for none), or None to leave the key as it is. It runs while
         writes wait, so it must be short, and it must not await. Returns True when something was written.
-        An exception from `change` propagates and nothing is written.
+        An exception from `change` propagates and nothing is written; so does a value over the size cap
+        (ValueError) or not bytes-like (TypeError).
         """
         kb = _key_bytes(key)
 
@@ -409,9 +673,13 @@ class DB:
             new = change(None if entry is None else entry[0])
             if new is None:
                 return None
-            value = new[0] if type(new[0]) is bytes else _value_bytes(new[0])
+            # Every write path checks the size: a record over the cap could not be read back, and the
+            # file would no longer open.
+            value = new[0]
+            if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
+                value = _value_bytes(value)
             expire_at = None if new[1] is None else _unix_time(new[1])
-            return fmt.encode_record(fmt.SET, kb, value, expire_at), (value, expire_at)
+            return fmt.encode_record(fmt.SET, kb, value, expire_at, self._salt), (value, expire_at)
 
         return await self._write(key, plan)
 
@@ -429,7 +697,7 @@ class DB:
         def plan(entry: Entry | None) -> tuple[bytes, Entry | None] | None:
             if entry is None:
                 return None
-            return fmt.encode_record(fmt.EXPIRE, kb, b"", expire_at), (entry[0], expire_at)
+            return fmt.encode_record(fmt.EXPIRE, kb, b"", expire_at, self._salt), (entry[0], expire_at)
 
         return await self._write(key, plan)
 
@@ -437,30 +705,55 @@ class DB:
         """Remove `key`. True if it existed; an expired key does not, and nothing is written for it."""
         kb = _key_bytes(key)
         return await self._write(key, lambda entry: None if entry is None else
-                                 (fmt.encode_record(fmt.DEL, kb, b"", None), None))
+                                 (fmt.encode_record(fmt.DEL, kb, b"", None, self._salt), None))
 
     async def _write(self, key: str, plan: Callable[[Entry | None], tuple[bytes, Entry | None] | None]) -> bool:
-        """Under the write lock: `plan` gets the key's live entry and returns the record to append and the
-        entry to install (None deletes the key), or None to write nothing. Returns whether it wrote."""
-        if not self._lock.acquire(False):
-            await self._wait_for_lock()
-        try:
-            log = self._writable()
-            step = plan(self._live(key))
-            if step is None:
-                return False
-            record, entry = step
-            if log is not None:
-                await self._append(log, record)
-            if entry is None:
-                del self._data[key]
-            else:
-                self._put(key, entry)
-        finally:
-            self._lock.release()
-        if self._always and log is not None:
-            await self._sync_to(log, log.written)
-        return True
+        """The general write: wait for a closed gate, do overdue periodic work, catch up with the other
+        processes (shared), then in one synchronous step: `plan` gets the key's live entry and returns the
+        record to append and the entry to install (None deletes the key), or None to write nothing.
+        Returns whether it wrote."""
+        link = self._link
+        while True:
+            if (gate := self._gate) is not None:
+                await gate.wait(lambda: self._gate is gate)
+                continue
+            if _monotonic() >= self._due and self._open:
+                await self._work_as_calls_arrive()
+            if link is not None and not await link.ready_to_append():
+                continue
+            guard = self._guard
+            if not guard.acquire(False):
+                guard.acquire()
+            locked = False
+            try:
+                log = self._writable()
+                if self._gate is not None:
+                    continue
+                if link is not None:
+                    locked = link.lock_and_catch_up()
+                    if not locked:
+                        continue
+                step = plan(self._index.live(key, self._clock()))
+                if step is None:
+                    return False
+                record, entry = step
+                failed = None if log is None else self._append(log, record)
+                if failed is None:
+                    if entry is None:
+                        self._index.data.pop(key, None)
+                    else:
+                        self._index.put(key, entry)
+            finally:
+                if locked:
+                    link.unlock()  # type: ignore[union-attr]
+                guard.release()
+            if log is None:
+                return True
+            if failed is not None:
+                await self._recover_append(log, failed)
+            if self._always:
+                await self._sync_to(log, log.written)
+            return True
 
     async def sync(self) -> None:
         """fsync the file now, whatever the sync policy. Does nothing for `:memory:`."""
@@ -469,19 +762,39 @@ class DB:
             await self._sync_to(log, log.written)
 
     async def shrink(self) -> None:
-        """Rewrite the file to the live set now, off the event loop. Writes go on meanwhile and are kept."""
+        """Rewrite the file to the live set now; the blocking parts run in worker threads, the snapshot is
+        taken on the event loop in bounded steps. Writes go on meanwhile and are kept. A shrink already in
+        progress is waited for. StoreError when the rewrite fails (the old file is kept)."""
         self._writable()
-        await anyio.to_thread.run_sync(self._shrink_blocking, True)
+        await self._rewrite(explicit=True)
 
     # -- internals: the write path ---------------------------------------------------------------------------
 
-    async def _wait_for_lock(self) -> None:
-        # _lock is held briefly by a cleanup batch or the end of a rewrite, in another thread. Wait by
-        # sleeping, so the loop serves other tasks meanwhile and a cancelled wait holds nothing.
-        delay = 0.0001
-        while not self._lock.acquire(False):
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.005)
+    def _append(self, log: AppendLog, record: bytes) -> AppendFailed | None:
+        """Append under the guard. On failure, close the gate (no one appends until the failed write is cut
+        off, in a thread) and return the failure for `_recover_append`."""
+        try:
+            log.append(record)
+        except AppendFailed as exc:
+            self._gate = _Gate()
+            self._due = -math.inf
+            return exc
+        return None
+
+    async def _recover_append(self, log: AppendLog, exc: AppendFailed) -> NoReturn:
+        """Cut what a failed append left (off the event loop), open the gate, then raise StoreError."""
+        gate = self._gate
+        try:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(log.truncate_to_end)
+        except OSError as trunc_exc:
+            self._fail(trunc_exc, "truncating a failed write")
+        finally:
+            self._gate = None
+            self._schedule()
+            if gate is not None:
+                gate.event.set()
+        raise StoreError(str(exc)) from exc.__cause__
 
     def _writable(self) -> AppendLog | None:
         """The log to append to (None for `:memory:`), or raise why this DB takes no writes now."""
@@ -499,50 +812,41 @@ class DB:
         if not self._open or self._fork_gen != _fork_generation:
             self._raise_unusable()
 
-    def _raise_unusable(self) -> None:
+    def _raise_unusable(self) -> NoReturn:
         if self._open and self._fork_gen != _fork_generation:
             raise FileLockedError(self._abspath, "this DB was opened by the parent of this forked process")
         raise StoreError(f"{self._abspath}: the DB is closed")
-
-    async def _append(self, log: AppendLog, record: bytes) -> None:
-        try:
-            log.append(record)
-        except AppendFailed as exc:
-            await self._recover_append(log, exc)
-
-    async def _recover_append(self, log: AppendLog, exc: AppendFailed) -> NoReturn:
-        """Cut what a failed append left (off the event loop), then raise StoreError."""
-        try:
-            await anyio.to_thread.run_sync(log.truncate_to_end)
-        except OSError as trunc_exc:
-            self._fail(trunc_exc, "truncating a failed write")
-        raise StoreError(str(exc)) from exc.__cause__
 
     async def _sync_to(self, log: AppendLog, written: int) -> None:
         """Return once the first `written` bytes appended are durable (group commit).
 
         One caller at a time leads: it runs one fsync in a worker thread, covering everything appended
-        so far. The others wait for that fsync; whoever it did not cover leads the next one. So one
-        thread hop and one fsync serve every writer that arrived meanwhile.
+        so far. The others of its thread wait for that fsync; whoever it did not cover leads the next one.
+        So one thread hop and one fsync serve every writer that arrived meanwhile. A caller on another
+        thread (another event loop) runs its own fsync: `sync_to` serialises them.
         """
         while log.synced < written:
             if log.failed is not None:
                 raise StoreError(f"{self._abspath}: fsync failed; reopen the DB") from log.failed
             batch = self._sync_batch
-            if batch is not None:
-                await batch.wait()
+            if batch is not None and batch[0] == _get_ident():
+                await batch[1].wait()
                 continue
-            batch = self._sync_batch = anyio.Event()
+            event = anyio.Event()
+            mine = (_get_ident(), event)
+            if batch is None:
+                self._sync_batch = mine
             try:
                 await anyio.to_thread.run_sync(log.sync_to, log.written)
             except OSError as exc:
-                if not self._open:
+                if not self._open or self._log is not log:
                     raise StoreError(f"{self._abspath}: the DB was closed") from exc
                 self._fail(exc, "fsync")
                 raise StoreError(f"{self._abspath}: fsync failed: {exc}") from exc
             finally:
-                self._sync_batch = None
-                batch.set()
+                if self._sync_batch is mine:
+                    self._sync_batch = None
+                event.set()
 
     def _fail(self, exc: BaseException, what: str) -> None:
         if self._failed is None:
@@ -553,149 +857,170 @@ class DB:
     def _expire_at(self, ttl: object) -> float:
         return self._clock() + _seconds(ttl, "ttl")
 
-    # -- internals: the index --------------------------------------------------------------------------------
-
-    def _put(self, key: str, entry: Entry) -> None:
-        """Install `entry`; the caller holds _lock."""
-        old = self._data.get(key)
-        self._data[key] = entry
-        exp = entry[1]
-        if exp is not None and (old is None or old[1] is None or exp < old[1]):
-            heapq.heappush(self._heap, (exp, key))
-
-    def _live(self, key: str) -> Entry | None:
-        """The entry of `key` if it is live; an expired one is dropped. The caller holds _lock."""
-        entry = self._data.get(key)
-        if entry is not None and entry[1] is not None and entry[1] <= self._clock():
-            del self._data[key]
-            return None
-        return entry
-
     def _forget(self, key: str, entry: Entry) -> None:
-        """Drop an expired entry found by a reader, unless the lock is busy (cleanup will get it)."""
-        if self._lock.acquire(False):
-            try:
-                if self._data.get(key) is entry:
-                    del self._data[key]
-            finally:
-                self._lock.release()
+        """Drop an expired entry a reader found (on the loop: no write is in a step right now)."""
+        data = self._index.data
+        if data.get(key) is entry:
+            del data[key]
 
-    def _expired_keys(self, now: float) -> KeySet:
-        """Keys in memory whose expiry has passed. Visits only the heap entries that are due."""
-        heap, data = self._heap, self._data
-        found: KeySet = set()
-        stack = [0] if heap else []
-        while stack:
-            i = stack.pop()
-            at, key = heap[i]
-            if at > now:
-                continue
-            entry = data.get(key)
-            if entry is not None and entry[1] is not None and entry[1] <= now:
-                found.add(key)
-            stack.extend(c for c in (2 * i + 1, 2 * i + 2) if c < len(heap))
-        return found
+    # -- internals: expiry -----------------------------------------------------------------------------------
 
-    def _drop_expired(self) -> int:
-        """Drop expired keys from memory in batches of at most _CLEANUP_BATCH per hold of the lock."""
-        dropped = 0
-        heap, data = self._heap, self._data
-        while not self._closing:
-            with self._lock:
-                started = time.perf_counter()
-                now = self._clock()
-                n = 0
-                while heap and heap[0][0] <= now and n < _CLEANUP_BATCH:
-                    _, key = heapq.heappop(heap)
-                    n += 1
-                    entry = data.get(key)
-                    if entry is None or entry[1] is None:
-                        continue  # deleted or made persistent since
-                    if entry[1] <= now:
-                        del data[key]
-                        dropped += 1
-                    else:
-                        heapq.heappush(heap, (entry[1], key))  # extended since: come back then
-                held = time.perf_counter() - started
-            self._cleanup_batches += 1
-            self._cleanup_max_hold = max(self._cleanup_max_hold, held)
-            if n < _CLEANUP_BATCH:
-                break
-            time.sleep(0)  # let the event loop's thread take the GIL between batches
-        return dropped
+    def _drop_expired_step(self) -> bool:
+        """One bounded batch of expired keys dropped from memory. Returns whether more are due."""
+        if not self._open or not self._guard.acquire(False):
+            return False  # another thread is in a write step: the next pass will do it
+        try:
+            started = time.perf_counter()
+            _, more = self._index.drop_expired(self._clock(), _CLEANUP_BATCH)
+            held = time.perf_counter() - started
+        finally:
+            self._guard.release()
+        self._cleanup_batches += 1
+        self._cleanup_max_hold = max(self._cleanup_max_hold, held)
+        return more
 
-    # -- internals: background work --------------------------------------------------------------------------
+    async def _drop_expired(self) -> None:
+        """Drop every expired key from memory, one bounded batch per step, yielding between steps."""
+        while self._drop_expired_step() and not self._closing:
+            await anyio.lowlevel.checkpoint()
 
-    def _background_sync(self) -> None:
+    # -- internals: rewriting --------------------------------------------------------------------------------
+
+    def _check_unlinked(self) -> None:
+        """Notice a data file deleted under us (one fstat): say it loudly and have the next rewrite put the
+        live set back at the path. Shared mode cannot restore it (the others hold the deleted file)."""
         log = self._log
-        if log is None or self._failed is not None or log.synced >= log.written:
+        if log is None or self._restore or self._failed is not None:
             return
         try:
-            log.sync_to(log.written)
-        except OSError as exc:
-            if self._open:
-                self._fail(exc, "background fsync")
+            gone = log.unlinked()
+        except OSError:
+            return
+        if not gone:
+            return
+        if self._link is not None:
+            logger.error("%s: the shared data file was deleted while in use; writes go to a deleted file", log.path)
+            self._fail(OSError(f"{log.path} was deleted while in use"), "the data file")
+            return
+        logger.error("%s: the data file was deleted while the DB was open; writing the %d live keys back to it",
+                     log.path, len(self._index.data))
+        self._restore = True
+        self._shrink_retry_at = 0.0
 
     def _shrink_due(self) -> bool:
         log = self._log
-        if not self.autoshrink or log is None or self._failed is not None:
+        if log is None or self._failed is not None or self._rewriting is not None or self._rewriting_soon:
+            return False
+        if self._restore:
+            return True
+        if not self.autoshrink:
             return False
         base = self._base_size
         return (
             log.end > self.autoshrink_min_size
             and log.end > base + base * self.autoshrink_percentage // 100
-            and time.monotonic() >= self._shrink_retry_at
+            and _monotonic() >= self._shrink_retry_at
         )
 
-    def _shrink_blocking(self, explicit: bool) -> None:
-        with self._shrink_lock:
-            log = self._writable()
-            if log is None:
+    async def _rewrite(self, explicit: bool) -> None:
+        """Rewrite the file to the live set (see AppendLog.rewrite_begin for the phases)."""
+        while (running := self._rewriting) is not None:
+            if not explicit:
                 return
+            await running.wait(lambda: self._rewriting is running)
+        log = self._writable()
+        if log is None:
+            return
+        if not explicit and self._closing and not self._restore:
+            return
+        rewriting = self._rewriting = _Gate()
+        try:
+            await self._rewrite_steps(log, explicit)
+        finally:
+            self._rewriting = None
+            rewriting.event.set()
 
-            def take_snapshot() -> tuple[int, Iterator[bytes]]:
-                with self._exclusive(final=False):
-                    self._writable()
-                    return log.end, self._snapshot(list(self._data))
-
-            start = log.end
-            started = time.perf_counter()
-            try:
-                size = log.rewrite(take_snapshot, self._exclusive(final=True))
-            except (_Aborted, Superseded):
-                return  # closing, or another sharer rewrote the file first (the next call reloads it)
-            except OSError as exc:
-                if log.failed is not None:
-                    self._fail(exc, "directory fsync after a rewrite")
-                self._shrink_retry_at = time.monotonic() + self._shrink_backoff
-                self._shrink_backoff = min(self._shrink_backoff * 2, _SHRINK_RETRY_MAX)
-                logger.error("rewrite of %s failed: %s; the old file is kept", self._abspath, exc)
-                if explicit:
-                    raise StoreError(f"{self._abspath}: rewrite failed: {exc}") from exc
-                return
-            self._shrinks += 1
-            self._base_size = size
-            self._shrink_backoff = _SHRINK_RETRY_FIRST
-            logger.info("shrank %s from %d to %d bytes in %.3f s", self._abspath, start, size,
-                        time.perf_counter() - started)
-
-    def _snapshot(self, keys: list[str]) -> Iterator[bytes]:
-        """The live entries of `keys` as SET records, chunk by chunk, read without the lock.
-
-        Each entry is read at some moment after the snapshot began; the rewrite then appends every record
-        written since it began, so a key's last record in the new file is its latest state either way.
-        """
-        data, encode, now = self._data, fmt.encode_record, self._clock()
-        for start in range(0, len(keys), _SNAPSHOT_CHUNK):
-            if self._closing:
+    async def _rewrite_steps(self, log: AppendLog, explicit: bool) -> None:
+        restore = self._restore and self._link is None
+        if not restore:
+            self._check_unlinked()
+            restore = self._restore and self._link is None
+        link = self._link
+        # The snapshot: the keys now, and the file's end now (no await in between). Each entry is read at
+        # some later step; the tail copy then brings every record written since, so a key's last record
+        # in the new file is its latest state either way.
+        start, generation = log.end, log.generation
+        keys = list(self._index.data)
+        before = log.end
+        started = time.perf_counter()
+        rw: Rewrite | None = None
+        try:
+            rw = await anyio.to_thread.run_sync(log.rewrite_begin, start, restore, generation)
+            buffer: list[bytes] = []
+            pending = 0
+            encode, salt = fmt.encode_record, log.salt
+            for first in range(0, len(keys), _SNAPSHOT_CHUNK):
+                if self._closing and not restore:
+                    raise _Aborted
+                data, now = self._index.data, self._clock()
+                for key in keys[first : first + _SNAPSHOT_CHUNK]:
+                    entry = data.get(key)
+                    if entry is not None and (entry[1] is None or entry[1] > now):
+                        record = encode(fmt.SET, key.encode(), entry[0], entry[1], salt)
+                        buffer.append(record)
+                        pending += len(record)
+                if pending >= _SNAPSHOT_WRITE:
+                    await anyio.to_thread.run_sync(log.rewrite_write, rw, b"".join(buffer))
+                    buffer, pending = [], 0
+                else:
+                    await anyio.lowlevel.checkpoint()
+            if buffer:
+                await anyio.to_thread.run_sync(log.rewrite_write, rw, b"".join(buffer))
+            await anyio.to_thread.run_sync(log.rewrite_tail, rw)
+            if self._closing and not restore:
                 raise _Aborted
-            parts = []
-            for key in keys[start : start + _SNAPSHOT_CHUNK]:
-                entry = data.get(key)
-                if entry is not None and (entry[1] is None or entry[1] > now):
-                    parts.append(encode(fmt.SET, key.encode(), entry[0], entry[1]))
-            yield b"".join(parts)
-            time.sleep(0)  # hand the GIL to the event loop's thread between chunks
+            # The final phase: this DB's writers wait at the gate (and, shared, the others at the append lock).
+            gate = self._gate = _Gate()
+            self._due = -math.inf
+            try:
+                with anyio.CancelScope(shield=True):
+                    if link is not None:
+                        size, others = await anyio.to_thread.run_sync(link.finish_rewrite, rw)
+                        link.apply_copied(others)
+                    else:
+                        size = await anyio.to_thread.run_sync(log.rewrite_finish, rw)
+            finally:
+                self._gate = None
+                self._schedule()
+                gate.event.set()
+        except (_Aborted, Superseded):
+            if rw is not None:
+                await anyio.to_thread.run_sync(log.rewrite_abort, rw)
+            return  # closing, or another sharer rewrote the file first (the next call reloads it)
+        except OSError as exc:
+            if rw is not None:
+                await anyio.to_thread.run_sync(log.rewrite_abort, rw)
+            if log.failed is not None:
+                self._fail(exc, "directory fsync after a rewrite")
+            self._shrink_retry_at = _monotonic() + self._shrink_backoff
+            self._shrink_backoff = min(self._shrink_backoff * 2, _SHRINK_RETRY_MAX)
+            logger.error("rewrite of %s failed: %s; the old file is kept", self._abspath, exc)
+            if explicit:
+                raise StoreError(f"{self._abspath}: rewrite failed: {exc}") from exc
+            return
+        except BaseException:
+            if rw is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(log.rewrite_abort, rw)
+            raise
+        if restore:
+            self._restore = False
+            logger.warning("%s: the live set is back on disk (%d bytes)", self._abspath, size)
+        self._shrinks += 1
+        self._base_size = size
+        self._shrink_backoff = _SHRINK_RETRY_FIRST
+        logger.info("shrank %s from %d to %d bytes in %.3f s", self._abspath, before, size,
+                    time.perf_counter() - started)
 
     def _check_process(self) -> None:
         if self._fork_gen != _fork_generation:
@@ -706,70 +1031,7 @@ class _Aborted(Exception):
     """A rewrite gave up because the DB is closing."""
 
 
-class _Maintenance(threading.Thread):
-    """The background pass of one open DB: everysec fsync, expiry cleanup, autoshrink."""
-
-    def __init__(self, db: DB) -> None:
-        super().__init__(name=f"buntsession maintenance {db.path}", daemon=True)
-        self._db = db
-        self._stopped = threading.Event()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join()
-
-    def run(self) -> None:
-        db = self._db
-        next_sync = next_cleanup = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if db.sync_policy == "everysec" and now >= next_sync:
-                db._background_sync()
-                next_sync = now + 1.0
-            if now >= next_cleanup:
-                db._drop_expired()
-                next_cleanup = now + db.cleanup_interval
-            if db._shrink_due():
-                try:
-                    db._shrink_blocking(False)
-                except StoreError:
-                    pass  # already failed or closed: nothing to shrink
-            wake = min(next_cleanup, now + 1.0)
-            if db.sync_policy == "everysec":
-                wake = min(wake, next_sync)
-            if self._stopped.wait(max(0.0, wake - time.monotonic())):
-                return
-
-
 # -- argument checks -----------------------------------------------------------------------------------------
-
-
-def _replayer(data: dict[str, Entry]) -> fmt.Apply:
-    """Apply records to `data` in file order, as they were applied when written.
-
-    Expiry is not judged here: a later EXPIRE may have extended a SET's expiry, and a record only follows
-    an expired key when it replaces it. The caller drops what has expired once every record is in.
-    """
-
-    def apply(rtype: int, key: str, value: bytes, expire_at: float | None) -> None:
-        if rtype == fmt.SET:
-            data[key] = (value, expire_at)
-        elif rtype == fmt.DEL:
-            data.pop(key, None)
-        else:
-            entry = data.get(key)
-            if entry is not None:
-                data[key] = (entry[0], expire_at)
-
-    return apply
-
-
-def _live_size(data: dict[str, Entry]) -> int:
-    """Bytes the live set takes in a freshly rewritten file: the autoshrink base at open."""
-    total = fmt.FILE_HEADER_SIZE
-    for key, (value, _) in data.items():
-        total += fmt.RECORD_HEADER_SIZE + (len(key) if key.isascii() else len(key.encode())) + len(value)
-    return total
 
 
 def _check_key(key: object) -> None:
@@ -785,19 +1047,37 @@ def _key_bytes(key: object) -> bytes:
     try:
         kb = key.encode()
     except UnicodeEncodeError as exc:
-        raise ValueError(f"key {key!r} is not valid Unicode") from exc
+        raise ValueError(f"key {_show(key)} is not valid Unicode") from exc
     if len(kb) > fmt.MAX_KEY_SIZE:
         raise ValueError(f"key of {len(kb)} bytes is over the limit of {fmt.MAX_KEY_SIZE}")
     return kb
 
 
 def _value_bytes(value: object) -> bytes:
-    if isinstance(value, bytes | bytearray | memoryview):
-        data = value if type(value) is bytes else bytes(value)
-        if len(data) > fmt.MAX_VALUE_SIZE:
-            raise ValueError(f"value of {len(data)} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
-        return data
-    raise TypeError(f"values are bytes-like, not {type(value).__name__}")
+    """`value` as bytes: anything with the buffer protocol (bytes, bytearray, memoryview, array.array...),
+    its raw bytes in memory order. TypeError for anything else (a str included); ValueError over the cap."""
+    if type(value) is bytes:
+        data = value
+    else:
+        try:
+            view = memoryview(value)  # type: ignore[arg-type]  # any buffer: checked by the call
+        except TypeError:
+            raise TypeError(f"values are bytes-like, not {type(value).__name__}") from None
+        with view:
+            if view.nbytes > fmt.MAX_VALUE_SIZE:
+                raise ValueError(f"value of {view.nbytes} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
+            data = view.tobytes()
+    if len(data) > fmt.MAX_VALUE_SIZE:
+        raise ValueError(f"value of {len(data)} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
+    return data
+
+
+def _show(value: object) -> str:
+    """`repr(value)` cut short: an error message never spells out a number of 400 digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"{'-' if value < 0 else ''}an int of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _seconds(value: object, name: str) -> float:
@@ -806,9 +1086,9 @@ def _seconds(value: object, name: str) -> float:
     try:
         seconds = float(value)
     except OverflowError:
-        raise ValueError(f"{name} {value!r} is too large") from None
+        raise ValueError(f"{name} {_show(value)} is too large") from None
     if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{name} must be positive and finite, not {value!r}")
+        raise ValueError(f"{name} must be positive and finite, not {_show(value)}")
     return seconds
 
 
@@ -820,10 +1100,10 @@ def _unix_time(value: object) -> float:
     except OverflowError:
         at = math.inf
     if not math.isfinite(at):
-        raise ValueError(f"expire_at must be finite, not {value!r}")
+        raise ValueError(f"expire_at must be finite, not {_show(value)}")
     return at
 
 
 def _require_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+        raise ValueError(f"{name} must be a non-negative int, not {_show(value)}")

@@ -14,8 +14,9 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from buntsession.engine import format as fmt
 from buntsession.errors import CorruptFileError, FileLockedError, StoreError
@@ -90,6 +91,19 @@ class FileOps:
         """Called after each phase of a rewrite: snapshot, tail, fsync, rename, dirsync. Does nothing here."""
 
 
+@contextmanager
+def mapped_file(ops: FileOps, fd: int, size: int) -> Iterator[memoryview]:
+    """The first `size` bytes of the file, mapped read-only (copied where mapping is not possible): the one
+    way the engine and the operator tools read a whole data file."""
+    data = ops.read_all(fd, size)
+    try:
+        with memoryview(data) as view:
+            yield view
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
 class AppendFailed(Exception):
     """An append did not complete. The caller must call `truncate_to_end` off the event loop."""
 
@@ -101,10 +115,17 @@ class Superseded(Exception):
 class AppendLog:
     """One open data file. The owner serialises `append`, `truncate_to_end` and the end of `rewrite`."""
 
-    def __init__(self, path: str, fd: int, end: int, ops: FileOps, lock_fd: int | None = None) -> None:
+    def __init__(self, path: str, fd: int, end: int, ops: FileOps, lock_fd: int | None = None,
+                 header: fmt.FileHeader | None = None) -> None:
         self.path = path
         self.fd = fd
+        self.header = header or fmt.new_file_header()
+        """The file's header: its version and salt, which appends and rewrites keep."""
+        self.salt = self.header.salt
         self.inode = ops.fstat(fd).st_ino
+        self.generation = 0
+        """Counts the moves to another file (a rewrite's swap, a sharer's newer file): unlike an inode
+        number, which a new file may reuse once the old one is gone, it never repeats."""
         self.lock_fd = lock_fd
         """Shared mode: the descriptor of the lock file the sharers append under (None: one owner)."""
         self.end = end
@@ -119,7 +140,7 @@ class AppendLog:
         self.sync_lock = threading.Lock()
         """Held by fsync and by the file swap at the end of a rewrite, so an fsync never sees a closed fd."""
         self._ops = ops
-
+        self._write = ops.write  # the one call of every append: looked up once
     # -- opening -----------------------------------------------------------------------------------------
 
     @classmethod
@@ -136,6 +157,17 @@ class AppendLog:
         exclusive owner can take it) and the sharers' append lock, held while the file loads; the options
         must equal those of the processes already sharing it.
         """
+        try:
+            return cls._open(path, ops, lock_timeout, apply, shared_options)
+        except OSError as exc:
+            # Any refusal of the OS (a read-only directory, a full disk while creating the file...) is a
+            # StoreError that names the path, never a raw OSError: through the middleware, a 503.
+            raise StoreError(f"{path}: cannot open the data file: {exc.strerror or exc}") from exc
+
+    @classmethod
+    def _open(
+        cls, path: str, ops: FileOps, lock_timeout: float, apply: fmt.Apply, shared_options: str | None
+    ) -> AppendLog:
         _check_path(path, ops)
         lock_fd = None if shared_options is None else _take_append_lock(path, ops, lock_timeout)
         try:
@@ -144,9 +176,9 @@ class AppendLog:
                 size = ops.fstat(fd).st_size
                 _remove_leftover(path + REWRITE_SUFFIX, ops)
                 if created or size == 0:
-                    end = _initialise(path, fd, ops, size)
+                    end, header = _initialise(path, fd, ops, size)
                 else:
-                    end = _load(path, fd, size, ops, apply)
+                    end, header = _load(path, fd, size, ops, apply)
             except BaseException:
                 ops.close(fd)
                 raise
@@ -156,14 +188,14 @@ class AppendLog:
             raise
         if lock_fd is not None:
             ops.unlock(lock_fd)
-        return cls(path, fd, end, ops, lock_fd)
+        return cls(path, fd, end, ops, lock_fd, header)
 
     # -- writing -----------------------------------------------------------------------------------------
 
     def append(self, data: bytes) -> None:
         """Write one record (or batch) with one write call. Raises AppendFailed, leaving `end` unchanged."""
         try:
-            n = self._ops.write(self.fd, data)
+            n = self._write(self.fd, data)
         except OSError as exc:
             raise AppendFailed(f"write to {self.path} failed: {exc}") from exc
         if n != len(data):
@@ -235,131 +267,270 @@ class AppendLog:
     def replaced(self) -> bool:
         return not _same_file(self._ops.fstat(self.fd), self.path, self._ops)
 
-    def catch_up(self, apply: fmt.Apply, holding_append_lock: bool) -> None:
-        """Apply the complete records other processes appended since our end. Blocking; CorruptFileError
-        for damage. An incomplete record at the end is one being written, and stops the catch-up before
-        it; but to a caller holding the append lock no one is writing: it is what a killed writer left,
-        and it is cut off, as an open would cut a torn tail."""
+    def catch_up(self, apply: fmt.Apply, holding_append_lock: bool, limit: int | None = None) -> int | None:
+        """Apply the complete records other processes appended since our end; CorruptFileError for damage.
+
+        Reads with one pread, cheap enough for the event loop when the new bytes are few: with `limit`,
+        more new bytes than that are left alone and this returns -1 (the caller reads them in a thread with
+        `read_new`, then applies them with `apply_new`). See `apply_new` for the other results.
+        """
         size = self._ops.fstat(self.fd).st_size
         if size <= self.end:
-            return
-        fresh = self._ops.pread(self.fd, size - self.end, self.end)
+            return None
+        if limit is not None and size - self.end > limit:
+            return -1
+        return self.apply_new(self.end, self._ops.pread(self.fd, size - self.end, self.end), apply,
+                              holding_append_lock)
+
+    def read_new(self) -> tuple[tuple[int, int], bytes]:
+        """((our generation, our end), the bytes after it): what other processes appended. Blocking."""
+        with self.sync_lock:  # a switch to another file holds it: read one file, and say which
+            start, inode = self.end, self.generation
+            size = self._ops.fstat(self.fd).st_size
+            return (inode, start), (self._ops.pread(self.fd, size - start, start) if size > start else b"")
+
+    def apply_new(self, at: tuple[int, int] | int, fresh: bytes, apply: fmt.Apply,
+                  holding_append_lock: bool) -> int | None:
+        """Apply the complete records in `fresh` (the file's bytes from `start`, our end) and move our end.
+
+        An incomplete record at the end is one being written, and stops the catch-up before it; but to a
+        caller holding the append lock no one is writing: it is what a killed writer left, and this returns
+        the file's size so that the caller cuts it off (`cut_tail`, off the loop). Otherwise None.
+        """
+        if isinstance(at, tuple):
+            generation, start = at
+            if generation != self.generation:
+                return None  # moved to another file meanwhile: these bytes are of the old one
+        else:
+            start = at
+        if start != self.end:
+            return None  # someone else caught up meanwhile: these bytes are applied already
         with memoryview(fresh) as view:
-            done, damage = fmt.replay(view, 0, apply)
-        if damage is not None and (damage.fatal or damage.next_valid is not None):
+            done, damage = fmt.replay(view, 0, apply, self.salt)
+        if damage is not None and damage.corrupt:
             raise CorruptFileError(self.path, self.end + damage.offset, damage.reason)
         self.end += done
         if damage is not None and holding_append_lock:
-            self._cut_tail(size)
+            return start + len(fresh)
+        return None
 
-    def _cut_tail(self, size: int) -> None:
+    def complete_new(self) -> bytes:
+        """The complete records after our end (our end stays: the caller applies them, or gives them to
+        `rewrite_finish`). Blocking; the caller holds the append lock, so an incomplete record is a dead
+        writer's."""
+        (_, start), fresh = self.read_new()
+        if not fresh:
+            return b""
+        with memoryview(fresh) as view:
+            done, damage = fmt.replay(view, 0, _ignore, self.salt)
+        if damage is not None and damage.corrupt:
+            raise CorruptFileError(self.path, start + damage.offset, damage.reason)
+        return fresh[:done]
+
+    def cut_tail(self, size: int) -> None:
+        """Cut what a writer that died left after the last complete record. Blocking; hold the append lock."""
+        if self._ops.fstat(self.fd).st_size != size:
+            return  # not ours to judge any more
         logger.warning("%s: torn tail at byte offset %d, left by a process that died writing: dropping %d bytes",
                        self.path, self.end, size - self.end)
         self._ops.ftruncate(self.fd, self.end)
 
-    def reopen(self, apply: fmt.Apply, install: Callable[[], None], holding_append_lock: bool) -> None:
-        """Move to the file another process's rewrite put at the path, replaying it whole. Blocking. An
-        incomplete record at its end is treated as `catch_up` treats one.
-
-        `install` runs between the replay and the move: readers that do not lock see the new position
-        only once the index built from it is in place, or they would take a stale index for a fresh one.
-        """
+    def load_replacement(self, apply: fmt.Apply) -> Replacement:
+        """Open and replay the file another process's rewrite put at the path. Blocking. The caller installs
+        the index it built and then `switch`es to the file, or `discard`s it."""
         ops = self._ops
         fd = ops.open(self.path, os.O_RDWR | os.O_APPEND)
         try:
             if not ops.try_lock(fd, shared=True):
                 raise FileLockedError(self.path, "an exclusive owner took the file over")
             st = ops.fstat(fd)
-            data = ops.read_all(fd, st.st_size)
-            try:
-                with memoryview(data) as view:
-                    fmt.check_file_header(view)
-                    end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
-            finally:
-                if isinstance(data, mmap.mmap):
-                    data.close()
-            if damage is not None and (damage.fatal or damage.next_valid is not None):
+            with mapped_file(ops, fd, st.st_size) as view:
+                try:
+                    header = fmt.check_file_header(view)
+                except fmt.HeaderError as exc:
+                    raise CorruptFileError(self.path, 0, exc.reason) from None
+                end, damage = fmt.replay(view, header.size, apply, header.salt)
+            if damage is not None and damage.corrupt:
                 raise CorruptFileError(self.path, damage.offset, damage.reason)
-            install()
         except BaseException:
             ops.close(fd)
             raise
+        return Replacement(fd, end, st.st_ino, st.st_size, header)
+
+    def switch(self, new: Replacement) -> None:
+        """Move to a loaded replacement file (its index is already in place)."""
         with self.sync_lock:
-            old, self.fd, self.end, self.inode = self.fd, fd, end, st.st_ino
+            old, self.fd, self.end, self.inode = self.fd, new.fd, new.end, new.inode
+            self.header, self.salt = new.header, new.header.salt
+            self.generation += 1
             self.synced = self.written  # what we wrote is in the new file, which its writer fsynced
-            ops.close(old)
-        if damage is not None and holding_append_lock:
-            self._cut_tail(st.st_size)
+            self._ops.close(old)
+
+    def discard(self, new: Replacement) -> None:
+        self._ops.close(new.fd)
 
     # -- rewriting ---------------------------------------------------------------------------------------
+    #
+    # A rewrite runs in phases, so that its owner can take the snapshot and close its write gate on the
+    # event loop while every blocking step runs in a worker thread:
+    #
+    #   rewrite_begin (thread)   lock and empty the temporary file, write the file header
+    #   rewrite_write (thread)   append snapshot chunks that the owner encoded
+    #   rewrite_tail (thread)    copy what was appended since the snapshot, fsync the temporary file
+    #   rewrite_finish (thread, the owner's writes held)   copy the last bytes, fsync, rename, swap, dir fsync
+    #
+    # A crash at any point leaves the whole old or the whole new file at the path.
 
-    def rewrite(
-        self, take_snapshot: Callable[[], tuple[int, Iterable[bytes]]], write_lock: AbstractContextManager[object]
-    ) -> int:
-        """Replace the file with the header, a snapshot of the live set, and the records appended since.
+    def rewrite_begin(self, start: int, restore: bool = False, generation: int | None = None) -> Rewrite:
+        """Start a rewrite of the file as it was at byte `start` (where the owner takes its snapshot).
 
-        `take_snapshot` returns the end of the file when it took the snapshot and the snapshot's chunks;
-        it is called once this rewrite holds the temporary file's lock, so no other process can replace
-        the file until this rewrite is done. The tail appended since the snapshot is copied without
-        `write_lock` first, then the rest under it, so writers wait only for the last few bytes, an fsync,
-        the rename and the directory fsync. A crash at any point leaves the whole old or the whole new file
-        at the path. Returns the new size. Blocking; raises OSError.
+        Raises Superseded when a sharer is rewriting the file right now, or when this log no longer holds
+        the file of `generation` (the one the owner took its snapshot of: in shared mode a read may have
+        moved the log to a sharer's newer file meanwhile). With `restore`, the data file is known to be gone from
+        its path: the rewrite puts the live set back there. Blocking.
         """
+        if generation is None:
+            generation = self.generation
         ops = self._ops
         tmp = self.path + REWRITE_SUFFIX
         fd = ops.open(tmp, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         if not ops.try_lock(fd):  # a sharer is rewriting the file right now: leave it to them
             ops.close(fd)
             raise Superseded(self.path)
-        renamed = False
         try:
             ops.ftruncate(fd, 0)
-            start, snapshot = take_snapshot()
-            size = write_all(ops, fd, fmt.encode_file_header())
-            for chunk in snapshot:
-                size += write_all(ops, fd, chunk)
-            ops.phase("snapshot")
-            copied = self._copy(fd, start, self.end)
-            ops.phase("tail")
-            ops.fsync(fd)
-            ops.phase("fsync")
-            with write_lock, self.sync_lock:
-                if not _same_file(ops.fstat(self.fd), self.path, ops):
+            size = write_all(ops, fd, self.header.encode())  # the same version and salt: the tail is copied
+            # The rewrite copies the tail from a descriptor of its own: in shared mode a read may move this
+            # log to a file another sharer's rewrite put at the path (and close the old descriptor) meanwhile.
+            with self.sync_lock:  # a switch to another file holds it
+                if self.generation != generation:
                     raise Superseded(self.path)
-                if self.end > copied:
-                    copied = self._copy(fd, copied, self.end)
-                    ops.fsync(fd)
-                size += copied - start
-                if not ops.try_lock(fd, shared=self.lock_fd is not None):
-                    raise OSError(errno.EAGAIN, "could not lock the rewritten file", tmp)
-                ops.replace(tmp, self.path)
+                src = os.dup(self.fd)
+        except BaseException:
+            ops.close(fd)
+            _remove_leftover(tmp, ops)
+            raise
+        return Rewrite(fd, tmp, start, start, size, restore, src, generation)
+
+    def rewrite_write(self, rw: Rewrite, chunk: bytes) -> None:
+        """Append one chunk of the snapshot. Blocking."""
+        rw.size += write_all(self._ops, rw.fd, chunk)
+
+    def rewrite_tail(self, rw: Rewrite) -> None:
+        """Copy the records appended since the snapshot (without holding any writer), then fsync. Blocking."""
+        ops = self._ops
+        ops.phase("snapshot")
+        if self.generation != rw.generation:
+            raise Superseded(self.path)
+        rw.copied = self._copy(rw.fd, rw.copied, self.end, rw.src)
+        ops.phase("tail")
+        ops.fsync(rw.fd)
+        ops.phase("fsync")
+
+    def rewrite_finish(self, rw: Rewrite, upto: int = 0) -> int:
+        """Copy the last records, fsync, and put the new file at the path. The owner holds its writers (and,
+        shared, the sharers' append lock). Returns the new file's size. Blocking; OSError, Superseded."""
+        ops = self._ops
+        renamed = False
+        try:
+            with self.sync_lock:
+                if self.generation != rw.generation:
+                    raise Superseded(self.path)  # moved to a sharer's newer file since the snapshot
+                if rw.restore:
+                    if _exists(self.path, ops):
+                        raise OSError(errno.EEXIST, "another file appeared at the data file's path", self.path)
+                elif not _same_file(ops.fstat(self.fd), self.path, ops):
+                    raise Superseded(self.path)
+                upto = max(upto, self.end)  # shared: also the others' records after our end (`complete_new`)
+                if upto > rw.copied:
+                    rw.copied = self._copy(rw.fd, rw.copied, upto, rw.src)
+                    ops.fsync(rw.fd)
+                size = rw.size + rw.copied - rw.start
+                if not ops.try_lock(rw.fd, shared=self.lock_fd is not None):
+                    raise OSError(errno.EAGAIN, "could not lock the rewritten file", rw.tmp)
+                ops.replace(rw.tmp, self.path)
                 renamed = True
                 # From here on the path names the new file: swap to it whatever happens next, or
                 # writes would go to a file that is no longer linked.
-                old, self.fd, self.end, self.inode = self.fd, fd, size, ops.fstat(fd).st_ino
+                old, self.fd, self.end, self.inode = self.fd, rw.fd, size, ops.fstat(rw.fd).st_ino
+                self.generation += 1
+                rw.fd = -1
                 self.synced = self.written
                 ops.close(old)
+                self._close_src(rw)
                 ops.phase("rename")
                 ops.fsync_dir(self.path)
                 ops.phase("dirsync")
             return size
         except BaseException as exc:
             if not renamed:
-                ops.close(fd)
-                _remove_leftover(tmp, ops)
+                self.rewrite_abort(rw)
             elif isinstance(exc, OSError):
                 self.failed = exc  # the new file is in place, but its directory entry may not be durable
             raise
 
-    def _copy(self, dst: int, begin: int, end: int) -> int:
+    def rewrite_abort(self, rw: Rewrite) -> None:
+        """Drop the temporary file of a rewrite that will not finish. Blocking."""
+        self._close_src(rw)
+        if rw.fd >= 0:
+            fd, rw.fd = rw.fd, -1
+            self._ops.close(fd)
+            _remove_leftover(rw.tmp, self._ops)
+
+    def _close_src(self, rw: Rewrite) -> None:
+        if rw.src >= 0:
+            src, rw.src = rw.src, -1
+            os.close(src)
+
+    def unlinked(self) -> bool:
+        """Whether the data file was deleted under us: the open file has no name left (one fstat) and no
+        file is at the path (a sharer's rewrite also leaves our old file nameless, with a new one there)."""
+        return self.fd >= 0 and self._ops.fstat(self.fd).st_nlink == 0 and not _exists(self.path, self._ops)
+
+    def _copy(self, dst: int, begin: int, end: int, src: int) -> int:
         pos = begin
         while pos < end:
-            chunk = self._ops.pread(self.fd, min(_COPY_CHUNK, end - pos), pos)
+            chunk = self._ops.pread(src, min(_COPY_CHUNK, end - pos), pos)
             if not chunk:
                 raise OSError(errno.EIO, "data file shorter than its records", self.path)
             write_all(self._ops, dst, chunk)
             pos += len(chunk)
         return pos
+
+
+@dataclass
+class Replacement:
+    """A data file another sharer's rewrite put at the path, loaded but not yet switched to."""
+
+    fd: int
+    end: int
+    inode: int
+    size: int
+    header: fmt.FileHeader
+
+
+@dataclass
+class Rewrite:
+    """A rewrite in progress (see AppendLog.rewrite_begin)."""
+
+    fd: int
+    tmp: str
+    start: int
+    """End of the data file when the snapshot was taken: the tail copy starts here."""
+    copied: int
+    """End of the data file's bytes copied so far."""
+    size: int
+    """Bytes written to the temporary file: header and snapshot."""
+    restore: bool
+    """The data file was deleted under its owner: the rewrite puts the live set back at the path."""
+    src: int
+    """A descriptor of the file being rewritten, for the tail copy."""
+    generation: int
+    """The log's generation then: a log that moved to another file since gives the rewrite up (Superseded)."""
+
+
+def _ignore(rtype: int, key: str, value: bytes, expire_at: float | None) -> None:
+    pass
 
 
 def write_all(ops: FileOps, fd: int, data: bytes | memoryview) -> int:
@@ -423,7 +594,9 @@ def _open_locked(
             try:
                 fd = ops.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                continue
+                if os.path.islink(path):  # a dangling symlink: the caller resolves links, so it changed
+                    raise StoreError(f"{path}: a symlink to a missing file") from None
+                continue  # created meanwhile by another opener: open that one
             created = True
         except OSError as exc:
             raise StoreError(f"{path}: cannot open the data file: {exc.strerror}") from exc
@@ -480,6 +653,14 @@ def _take_append_lock(path: str, ops: FileOps, lock_timeout: float) -> int:
     return lock_fd
 
 
+def _exists(path: str, ops: FileOps) -> bool:
+    try:
+        ops.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _same_file(st: os.stat_result, path: str, ops: FileOps) -> bool:
     try:
         now = ops.stat(path)
@@ -503,43 +684,38 @@ def _remove_leftover(path: str, ops: FileOps) -> None:
     logger.info("removed %s, left over from an interrupted rewrite", path)
 
 
-def _initialise(path: str, fd: int, ops: FileOps, size: int) -> int:
+def _initialise(path: str, fd: int, ops: FileOps, size: int) -> tuple[int, fmt.FileHeader]:
     """Write the header into a new or empty file and make the file's existence durable."""
-    header = fmt.encode_file_header()
+    header = fmt.new_file_header()
     if size:
         ops.ftruncate(fd, 0)
-    write_all(ops, fd, header)
+    write_all(ops, fd, header.encode())
     ops.fsync(fd)
     ops.fsync_dir(path)
-    return len(header)
+    return header.size, header
 
 
-def _load(path: str, fd: int, size: int, ops: FileOps, apply: fmt.Apply) -> int:
-    data = ops.read_all(fd, size)
-    try:
-        with memoryview(data) as view:
-            try:
-                fmt.check_file_header(view)
-            except fmt.HeaderError as exc:
-                if not exc.torn:
-                    raise CorruptFileError(path, 0, exc.reason) from None
-                torn_header = True
-            else:
-                torn_header = False
-                end, damage = fmt.replay(view, fmt.FILE_HEADER_SIZE, apply)
-    finally:
-        if isinstance(data, mmap.mmap):
-            data.close()
+def _load(path: str, fd: int, size: int, ops: FileOps, apply: fmt.Apply) -> tuple[int, fmt.FileHeader]:
+    with mapped_file(ops, fd, size) as view:
+        try:
+            header = fmt.check_file_header(view)
+        except fmt.HeaderError as exc:
+            if not exc.torn:
+                raise CorruptFileError(path, 0, exc.reason) from None
+            torn_header = True
+        else:
+            torn_header = False
+            end, damage = fmt.replay(view, header.size, apply, header.salt)
     if torn_header:
         logger.warning("%s: incomplete file header (%d bytes) from an interrupted creation; starting the file anew",
                        path, size)
         return _initialise(path, fd, ops, size)
     if damage is not None:
-        if damage.fatal or damage.next_valid is not None:
+        if damage.corrupt:
             where = "" if damage.next_valid is None else f" (a valid record follows at {damage.next_valid})"
             raise CorruptFileError(path, damage.offset, damage.reason + where)
         logger.warning("%s: torn tail at byte offset %d (%s): dropping %d bytes", path, end, damage.reason,
                        size - end)
         ops.ftruncate(fd, end)
         ops.fsync(fd)
-    return end
+    return end, header

@@ -3,150 +3,231 @@
 Each process keeps the whole live set in memory, as a single owner does. They take turns to append:
 a write takes the sharers' append lock (a lock file beside the data file, held only for the append),
 first catches up on the records the others appended, then appends its own. A read first checks, with
-one stat, whether the file grew or was replaced, and if so catches up (or reloads the rewritten file)
-in a worker thread. A rewrite is done by whichever process decides to, under the append lock; the
-others notice the new file and reload it. Every sharer must open the file with the same options.
+one stat, whether the file grew or was replaced, and if so catches up (or reloads the rewritten file).
+A rewrite is done by whichever process decides to, under the append lock; the others notice the new file
+and reload it. Every sharer must open the file with the same options.
+
+Catching up on a few records (the common case: the other worker wrote a session or two) reads them with
+one `pread` on the event loop, as cheap as the append itself, inside the write's synchronous step: no thread
+hop, so writes from several processes scale. A larger backlog is read in a worker thread, and a replaced
+file is loaded in one, before the write takes its step.
 
 The synchronous `len(db)` and `db.stats()` show what this process has read so far: the next async call
 catches up.
+
+`SharedLink` is composed into a `DB` (its `_link`); it imports nothing from `db.py`.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Final
 
 import anyio
 
 from buntsession.engine import format as fmt
-from buntsession.engine.db import DB, Entry, _replayer
-from buntsession.engine.log import Superseded
+from buntsession.engine.index import Entry, Index, apply_record
+from buntsession.engine.log import Rewrite, Superseded
 
-__all__ = ["SharedDB"]
+if TYPE_CHECKING:
+    from buntsession.engine.db import DB
+
+__all__ = ["SharedLink"]
+
+_ON_LOOP_LIMIT: Final = 256 * 1024
+"""New bytes read on the event loop at most; a larger backlog is read in a worker thread."""
+_BACKOFF_FIRST: Final = 0.0001
+_BACKOFF_MAX: Final = 0.005
 
 
-class SharedDB(DB):
-    """A DB opened with shared=True. Behaves as a DB; see the module docstring for what differs."""
+class SharedLink:
+    """What a DB opened with shared=True does besides what every DB does (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # The append lock is a flock, which belongs to this process's descriptor: tasks and threads of
-        # this process take turns on this lock first.
-        self._turn = threading.Lock()
+    def __init__(self, db: DB) -> None:
+        self._db = db
+        self._delay = 0.0
+        self._needs_reload = False
+        self._needs_backlog = False
+        self._torn_at: int | None = None
+        self._reloading: anyio.Event | None = None
 
-    def _shared_options(self) -> str:
-        return json.dumps({"format": fmt.VERSION, "sync": self.sync_policy, "autoshrink": self.autoshrink,
-                           "autoshrink_percentage": self.autoshrink_percentage,
-                           "autoshrink_min_size": self.autoshrink_min_size,
-                           "cleanup_interval": self.cleanup_interval}, sort_keys=True)
+    def options(self) -> str:
+        """What every process sharing the file must agree on."""
+        db = self._db
+        return json.dumps({"format": fmt.VERSION, "sync": db.sync_policy, "autoshrink": db.autoshrink,
+                           "autoshrink_percentage": db.autoshrink_percentage,
+                           "autoshrink_min_size": db.autoshrink_min_size,
+                           "cleanup_interval": db.cleanup_interval}, sort_keys=True)
 
-    # -- catching up with the other processes -------------------------------------------------------------
+    # -- reads ------------------------------------------------------------------------------------------------
 
-    async def _refresh(self) -> None:
-        log = self._log
-        if log is not None and log.behind():  # one stat on the event loop; the reading happens in a thread
-            await anyio.to_thread.run_sync(self._refresh_blocking)
-
-    def _refresh_blocking(self, holding_append_lock: bool = False) -> None:
-        with self._lock:
-            self._refresh_locked(allow_reload=True, holding_append_lock=holding_append_lock)
-
-    def _refresh_locked(self, allow_reload: bool, holding_append_lock: bool) -> None:
-        log = self._log
-        if log is None:
+    async def refresh(self) -> None:
+        """Catch up with the file before a read: one stat when nothing changed."""
+        db = self._db
+        # A rewrite of ours swapping files first: its end already counts the others' records it took in,
+        # which reach the index only when the swap is done, so `behind()` cannot be trusted until then.
+        while (gate := db._gate) is not None:
+            await gate.wait(lambda: db._gate is gate)
+        log = db._log
+        if log is None or not log.behind():
             return
-        if log.replaced():
-            if not allow_reload:
-                raise Superseded(log.path)
-            replayed: dict[str, Entry] = {}
-            log.reopen(_replayer(replayed), lambda: self._install_index(replayed), holding_append_lock)
-        else:
-            log.catch_up(self._apply_record, holding_append_lock)
+        while log.replaced():
+            # The reload (ours, or one this waited for) read the new file as it was then: records appended
+            # to it since, perhaps acknowledged before this read began, are caught up below.
+            await self._reload()
+            if db._log is not log:
+                return
+        guard = db._guard
+        if not guard.acquire(False):
+            guard.acquire()
+        try:
+            found = log.catch_up(db._index.apply, False, _ON_LOOP_LIMIT)
+        finally:
+            guard.release()
+        if found == -1:
+            await self._read_backlog()
 
-    def _apply_record(self, rtype: int, key: str, value: bytes, expire_at: float | None) -> None:
-        """Apply another process's record to the index, as the write that made it did."""
-        if rtype == fmt.SET:
-            self._put(key, (value, expire_at))
-        elif rtype == fmt.DEL:
-            self._data.pop(key, None)
-        elif (entry := self._data.get(key)) is not None:
-            self._put(key, (entry[0], expire_at))
+    # -- writes -----------------------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _appending(self) -> AsyncIterator[None]:
-        """Hold the sharers' append lock, caught up with what the others wrote. Waiting for the lock
-        sleeps on the event loop rather than blocking it."""
-        log = self._writable()
+    async def ready_to_append(self) -> bool:
+        """Do, off the write's synchronous step, what the last attempt found it must do first. Returns True
+        when the write may take its step now; False to start over."""
+        db = self._db
+        log = db._log
+        if log is None:
+            return True
+        if self._delay:  # another process holds the append lock: its writes are short
+            await anyio.sleep(self._delay)
+            self._delay = min(self._delay * 2, _BACKOFF_MAX)
+        if self._needs_reload:
+            self._needs_reload = False
+            await self._reload()
+            return False
+        if self._needs_backlog:
+            self._needs_backlog = False
+            await self._read_backlog()
+            return False
+        if (size := self._torn_at) is not None:
+            self._torn_at = None
+            await anyio.to_thread.run_sync(self._cut_dead_tail, size)
+            return False
+        return True
+
+    def lock_and_catch_up(self) -> bool:
+        """In the write's synchronous step (the DB's guard held): take the sharers' append lock and apply
+        what the others appended since. False, holding nothing, when the write must start over (after
+        `ready_to_append`)."""
+        db = self._db
+        log = db._log
         assert log is not None
-        delay = 0.0001
-        while True:
-            if self._turn.acquire(False):
-                if log.try_append_lock():
-                    break
-                self._turn.release()
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.005)
+        if not log.try_append_lock():
+            self._delay = self._delay or _BACKOFF_FIRST
+            return False
         try:
             if log.behind():
-                await anyio.to_thread.run_sync(self._refresh_blocking, True)
-            yield
+                if log.replaced():
+                    self._needs_reload = True
+                    log.append_unlock()
+                    return False
+                found = log.catch_up(db._index.apply, True, _ON_LOOP_LIMIT)
+                if found is not None:
+                    if found == -1:
+                        self._needs_backlog = True
+                    else:
+                        self._torn_at = found
+                    log.append_unlock()
+                    return False
+        except BaseException:
+            log.append_unlock()
+            raise
+        self._delay = 0.0
+        return True
+
+    def unlock(self) -> None:
+        log = self._db._log
+        if log is not None:
+            log.append_unlock()
+
+    # -- rewrites ---------------------------------------------------------------------------------------------
+
+    def finish_rewrite(self, rw: Rewrite) -> tuple[int, bytes]:
+        """The final phase of a rewrite, in a worker thread: under the append lock, take in the records
+        the others appended (they go into the new file too), then swap. Returns the new size and those
+        records, for `apply_copied` on the event loop."""
+        log = self._db._log
+        assert log is not None
+        log.append_lock()
+        try:
+            # Give up before taking in the others' records: they move our end, and only a finished rewrite
+            # hands them to the index (a read may have moved the log to a sharer's newer file meanwhile).
+            if log.replaced() or log.generation != rw.generation:
+                raise Superseded(log.path)
+            others = log.complete_new()
+            return log.rewrite_finish(rw, log.end + len(others)), others
         finally:
             log.append_unlock()
-            self._turn.release()
 
-    def _exclusive(self, final: bool) -> AbstractContextManager[object]:
-        return self._locked_for_rewrite(final)
+    def apply_copied(self, records: bytes) -> None:
+        if records:
+            with memoryview(records) as view:
+                fmt.replay(view, 0, self._db._index.apply, self._db._salt)  # the same file's records
 
-    @contextmanager
-    def _locked_for_rewrite(self, final: bool) -> Iterator[None]:
-        """The append lock, then the index lock, caught up. At the swap, a file another sharer replaced
-        meanwhile ends this rewrite (Superseded) instead of being reloaded under it."""
-        log = self._writable()  # raises when closed
-        assert log is not None
-        with self._turn:
-            log.append_lock()
+    # -- internals --------------------------------------------------------------------------------------------
+
+    async def _read_backlog(self) -> None:
+        db = self._db
+        log = db._log
+        if log is None:
+            return
+        start, fresh = await anyio.to_thread.run_sync(log.read_new)
+        if db._log is log:
+            guard = db._guard
+            if not guard.acquire(False):
+                guard.acquire()
             try:
-                with self._lock:
-                    self._refresh_locked(allow_reload=not final, holding_append_lock=True)
-                    yield
+                log.apply_new(start, fresh, db._index.apply, False)
             finally:
-                log.append_unlock()
+                guard.release()
 
-    # -- the calls: reads catch up first, writes append under the lock -------------------------------------
+    async def _reload(self) -> None:
+        """Move to the file another process's rewrite put at the path: load it in a worker thread, then
+        install its index and switch to it in one step."""
+        if (running := self._reloading) is not None:
+            await running.wait()
+            return
+        db = self._db
+        log = db._log
+        if log is None:
+            return
+        done = self._reloading = anyio.Event()
+        try:
+            generation = log.generation
+            replayed: dict[str, Entry] = {}
+            new = await anyio.to_thread.run_sync(log.load_replacement, partial(apply_record, replayed))
+            if db._log is not log or log.generation != generation:
+                log.discard(new)  # closed, or moved on meanwhile
+                return
+            guard = db._guard
+            if not guard.acquire(False):
+                guard.acquire()
+            try:
+                db._index = Index(replayed, db._clock())
+                log.switch(new)
+                db._salt = log.salt  # a file recreated meanwhile has a salt of its own
+            finally:
+                guard.release()
+        finally:
+            self._reloading = None
+            done.set()
 
-    async def get(self, key: str) -> bytes | None:
-        await self._refresh()
-        return await super().get(key)
-
-    async def get_with_expiry(self, key: str) -> tuple[bytes, float | None] | None:
-        await self._refresh()
-        return await super().get_with_expiry(key)
-
-    async def ttl(self, key: str) -> float | None:
-        await self._refresh()
-        return await super().ttl(key)
-
-    async def scan(self, prefix: str = "") -> AsyncIterator[str]:
-        await self._refresh()
-        async for key in super().scan(prefix):
-            yield key
-
-    async def set(self, key: str, value: bytes | bytearray | memoryview, ttl: float | None = None, *,
-                  expire_at: float | None = None) -> None:
-        async with self._appending():
-            await super().set(key, value, ttl, expire_at=expire_at)
-
-    async def expire(self, key: str, ttl: float | None, *, expire_at: float | None = None) -> bool:
-        async with self._appending():
-            return await super().expire(key, ttl, expire_at=expire_at)
-
-    async def delete(self, key: str) -> bool:
-        async with self._appending():
-            return await super().delete(key)
-
-    async def update(self, key: str, change: Callable[[bytes | None], tuple[bytes, float | None] | None]) -> bool:
-        async with self._appending():
-            return await super().update(key, change)
+    def _cut_dead_tail(self, size: int) -> None:
+        """Cut the incomplete record a killed writer left, under the append lock. Blocking."""
+        log = self._db._log
+        if log is None:
+            return
+        log.append_lock()
+        try:
+            log.cut_tail(size)
+        finally:
+            log.append_unlock()
