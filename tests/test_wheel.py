@@ -73,10 +73,14 @@ def test_the_wheel_holds_the_package_only_with_complete_metadata(dist: Path) -> 
     assert metadata["Version"] == version
     assert metadata["Requires-Python"] == ">=3.11"
     assert metadata["License-Expression"] == "MIT"
+    assert metadata["License-File"] == "LICENSE"
     assert metadata["Summary"]
     assert metadata["Description-Content-Type"].startswith("text/markdown")
     classifiers = metadata.get_all("Classifier")
-    for wanted in ["License :: OSI Approved :: MIT License", "Programming Language :: Python :: 3.11",
+    # The license is the PEP 639 License-Expression above, with the file; PyPI refuses an upload that also
+    # carries a `License ::` classifier (deprecated by PEP 639).
+    assert not [c for c in classifiers if c.startswith("License ::")]
+    for wanted in ["Programming Language :: Python :: 3.11",
                    "Programming Language :: Python :: 3.12", "Programming Language :: Python :: 3.13",
                    "Framework :: FastAPI", "Framework :: AsyncIO", "Framework :: Trio",
                    "Typing :: Typed"]:
