@@ -61,9 +61,11 @@ def test_the_site_builds_strict_without_warnings(tmp_path: Path) -> None:
     assert done.returncode == 0, output
     assert not [line for line in output.splitlines() if line.startswith(("WARNING", "ERROR"))], output
     site = tmp_path / "site"
-    for page in ["index.html", "benchmarks/index.html", "reference/index.html", "releasing/index.html"]:
+    for page in ["index.html", "benchmarks/index.html", "reference/index.html", "releasing/index.html",
+                 "changelog/index.html"]:
         assert (site / page).is_file()
     assert (site / "benchmarks.png").is_file()
+    assert "Keep a Changelog" in (site / "changelog" / "index.html").read_text()  # CHANGELOG.md, included
     reference = (site / "reference" / "index.html").read_text()
     for name in ["buntsession.SessionMiddleware", "buntsession.Session.put_string", "buntsession.DB.set",
                  "buntsession.redis.RedisStore", "buntsession.postgres.PostgresStore", "buntsession.StoreError"]:
