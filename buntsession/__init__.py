@@ -25,4 +25,4 @@ __all__ = [
     "StoreError",
     "SyncPolicy",
 ]
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
