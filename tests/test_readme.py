@@ -14,7 +14,7 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
 def test_the_readme_has_snippets() -> None:
-    assert len(SNIPPETS) >= 6
+    assert len(SNIPPETS) >= 2  # the rest of the guide is on the documentation site: tests/test_docs.py
 
 
 @pytest.mark.parametrize("number", range(len(SNIPPETS)))
