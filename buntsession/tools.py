@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from buntsession.engine import format as fmt
 from buntsession.engine.offline import FileProblem, FileScan, repair_file, scan_file, shrink_file
 from buntsession.errors import CorruptFileError, FileLockedError, StoreError
 
@@ -166,7 +165,7 @@ def repair(path: str, out: IO[str], keep_suspect: bool = False) -> int:
             out.write(f"{path}: clean, nothing to repair\n")
         return EX_OK
     found = done.scan
-    dropped = found.size - fmt.FILE_HEADER_SIZE - done.kept_bytes
+    dropped = found.size - found.header_size - done.kept_bytes
     out.write(f"{path}: kept {done.kept_records} records ({done.kept_bytes} bytes), dropped {dropped} bytes; "
               f"the original is {done.aside}\n")
     if done.ended:

@@ -122,6 +122,14 @@ class Stats:
     """Rewrites of the data file since open."""
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None (under trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class _Gate:
     """Holds a DB's writers while something that must not interleave with appends runs (the end of a
     rewrite, cutting a failed append, opening and closing). Made and opened on one event loop."""
@@ -143,13 +151,15 @@ class _Gate:
 class _Host:
     """The detached task that hosts a DB's task group on one event loop (see the module docstring)."""
 
-    __slots__ = ("cancel_soon", "done", "scope", "stopped", "thread")
+    __slots__ = ("cancel_soon", "done", "loop", "scope", "stopped", "tg", "thread")
 
     def __init__(self, cancel_soon: Callable[[Callable[[], object]], object]) -> None:
         self.thread = _get_ident()
         self.cancel_soon = cancel_soon
         """Runs a callable on the host's loop, from any thread."""
         self.scope: anyio.CancelScope | None = None
+        self.tg: anyio.abc.TaskGroup | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # asyncio: the host's loop
         self.stopped = False
         self.done: anyio.Event | None = None
 
@@ -379,6 +389,7 @@ class DB:
             loop = None
         if loop is not None:
             host = _Host(loop.call_soon_threadsafe)
+            host.loop = loop
             task = loop.create_task(self._host_main(host), name=f"buntsession background {self.path}")
             self._host_task: object = task  # the loop keeps only a weak reference to its tasks
         else:
@@ -408,6 +419,7 @@ class DB:
                 return
             async with anyio.create_task_group() as tg:
                 host.scope = tg.cancel_scope  # no await since the check above: stop() cancels it from now on
+                host.tg = tg
                 await self._background(tg)
         finally:
             if self._host is host:
@@ -467,7 +479,14 @@ class DB:
         """A bounded step of overdue periodic work, done by a write (no host, or a starved one)."""
         now = _monotonic()
         if self.sync_policy == "everysec" and now >= self._sync_due:
-            await self._everysec_sync()
+            host = self._host
+            if host is not None and host.tg is not None and not host.stopped and host.loop is _running_loop():
+                # A host that is alive but has not had the loop (writes that never yield): hand it the fsync
+                # as a task, so this write does not wait for it; it runs as soon as the loop is free.
+                self._sync_due = now + _SYNC_INTERVAL
+                host.tg.start_soon(self._everysec_sync)
+            else:
+                await self._everysec_sync()
         if now >= self._cleanup_due:
             self._cleanup_due = now + min(self.cleanup_interval, _SYNC_INTERVAL)
             self._drop_expired_step()

@@ -123,6 +123,8 @@ class AppendLog:
         """The file's header: its version and salt, which appends and rewrites keep."""
         self.salt = self.header.salt
         self.inode = ops.fstat(fd).st_ino
+        self.rewriting: Rewrite | None = None
+        """The rewrite in progress, if any (see rewrite_begin)."""
         self.generation = 0
         """Counts the moves to another file (a rewrite's swap, a sharer's newer file): unlike an inode
         number, which a new file may reuse once the old one is gone, it never repeats."""
@@ -232,6 +234,11 @@ class AppendLog:
     def close(self) -> None:
         """Close the file. The lock goes with the last descriptor of it (never unlocked by hand: a forked
         child shares the lock with its parent, and unlocking it there would free the parent's file)."""
+        rw = self.rewriting
+        if rw is not None:
+            # A rewrite whose owner never finished nor aborted it: its descriptors would keep the file's
+            # lock (a dup shares it) after this close.
+            self.rewrite_abort(rw)
         with self.sync_lock:
             fd, self.fd = self.fd, -1
             if fd >= 0:
@@ -393,10 +400,16 @@ class AppendLog:
             generation = self.generation
         ops = self._ops
         tmp = self.path + REWRITE_SUFFIX
-        fd = ops.open(tmp, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        if not ops.try_lock(fd):  # a sharer is rewriting the file right now: leave it to them
+        while True:
+            fd = ops.open(tmp, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            if not ops.try_lock(fd):  # a sharer is rewriting the file right now: leave it to them
+                ops.close(fd)
+                raise Superseded(self.path)
+            if _same_file(ops.fstat(fd), tmp, ops):
+                break
+            # A sharer that gave up its own rewrite removed the file between our open and our lock: what we
+            # hold has no name any more, and could never be renamed into place. Open the path again.
             ops.close(fd)
-            raise Superseded(self.path)
         try:
             ops.ftruncate(fd, 0)
             size = write_all(ops, fd, self.header.encode())  # the same version and salt: the tail is copied
@@ -410,7 +423,9 @@ class AppendLog:
             ops.close(fd)
             _remove_leftover(tmp, ops)
             raise
-        return Rewrite(fd, tmp, start, start, size, restore, src, generation)
+        rw = Rewrite(fd, tmp, start, start, size, restore, src, generation)
+        self.rewriting = rw  # close() drops it, whatever became of its owner (a cancelled task)
+        return rw
 
     def rewrite_write(self, rw: Rewrite, chunk: bytes) -> None:
         """Append one chunk of the snapshot. Blocking."""
@@ -458,6 +473,7 @@ class AppendLog:
                 self.synced = self.written
                 ops.close(old)
                 self._close_src(rw)
+                self.rewriting = None
                 ops.phase("rename")
                 ops.fsync_dir(self.path)
                 ops.phase("dirsync")
@@ -471,6 +487,8 @@ class AppendLog:
 
     def rewrite_abort(self, rw: Rewrite) -> None:
         """Drop the temporary file of a rewrite that will not finish. Blocking."""
+        if self.rewriting is rw:
+            self.rewriting = None
         self._close_src(rw)
         if rw.fd >= 0:
             fd, rw.fd = rw.fd, -1

@@ -62,6 +62,8 @@ class FileScan:
     """Offset where the last damaged stretch starts."""
     header_error: str | None = None
     """The file is not a buntsession data file this version reads (open raises CorruptFileError)."""
+    header_size: int = 0
+    """Bytes of the file header (0 when there is no valid one)."""
     new_file: bool = False
     """Empty, or an incomplete header from an interrupted creation: open starts such a file anew."""
 
@@ -112,6 +114,7 @@ def _scan(path: str, view: memoryview, progress: Callable[[int], None] | None) -
         else:
             result.header_error = exc.reason
         return result
+    result.header_size = header.size
     state, last = result.state, result.last_record
     for item in fmt.walk(view, header.size, header.salt):
         if isinstance(item, fmt.Record):
