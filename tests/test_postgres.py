@@ -326,9 +326,9 @@ def test_a_restart_in_the_middle_of_a_run_gives_no_500(postgres_server: Any) -> 
 
 
 
-def test_the_readme_gives_the_ddl_the_store_runs() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert "```sql\n" + ddl() + "```" in readme
+def test_the_docs_give_the_ddl_the_store_runs() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "stores.md").read_text()
+    assert "```sql\n" + ddl() + "```" in page
 
 
 def test_under_trio_it_is_a_store_error_not_a_crash(postgres_server: Any) -> None:
