@@ -72,6 +72,17 @@ def live_meta(record: bytes, expires: float, user_id: str, now: float) -> Meta |
     return meta
 
 
+def found_meta(found: tuple[bytes, float] | None) -> tuple[Meta | None, float] | None:
+    """What `UserSessions._metas` reports for one key, from the store's (record, expiry): None when nothing
+    is stored, (None, expiry) for a record that is not a session's."""
+    if found is None:
+        return None
+    try:
+        return decode_meta(found[0]), found[1]
+    except ValueError:
+        return None, found[1]
+
+
 def info(key: str, meta: Meta, expires: float, current: str | None) -> SessionInfo:
     """The `SessionInfo` of a live session; `current` is the store key of the asking request's session."""
     active = meta.active if meta.active is not None else meta.created

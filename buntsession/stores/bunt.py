@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
-from buntsession.codec import Meta, decode_meta
+from buntsession.codec import Meta
 from buntsession.engine import DB
 from buntsession.merge import Update, apply_update
-from buntsession.users import UserSessions, decode_index, encode_index, index_key
+from buntsession.users import UserSessions, decode_index, encode_index, found_meta, index_key
 
 __all__ = ["BuntStore"]
 
@@ -105,13 +105,10 @@ class BuntStore(UserSessions):
         metas: list[tuple[Meta | None, float] | None] = []
         for key in keys:
             found = await self.db.get_with_expiry(self.prefix + key)
-            if found is None or found[1] is None:
-                metas.append(None if found is None else (None, 0.0))
-                continue
-            try:
-                metas.append((decode_meta(found[0]), found[1]))
-            except ValueError:
-                metas.append((None, found[1]))
+            if found is not None and found[1] is None:
+                metas.append((None, 0.0))  # a key without expiry is no session of ours
+            else:
+                metas.append(found_meta(found))  # type: ignore[arg-type]
         return metas
 
     async def _delete(self, keys: list[str]) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from buntsession.codec import Meta, decode_meta
+from buntsession.codec import Meta
 from buntsession.merge import Update, apply_update
-from buntsession.users import BIND_GRACE, UserSessions
+from buntsession.users import BIND_GRACE, UserSessions, found_meta
 
 __all__ = ["MemoryStore"]
 
@@ -98,17 +98,7 @@ class MemoryStore(UserSessions):
         return dict(self._users.get(user_id, {}))
 
     async def _metas(self, keys: list[str]) -> list[tuple[Meta | None, float] | None]:
-        metas: list[tuple[Meta | None, float] | None] = []
-        for key in keys:
-            found = await self.find_with_expiry(key)
-            if found is None:
-                metas.append(None)
-                continue
-            try:
-                metas.append((decode_meta(found[0]), found[1]))
-            except ValueError:
-                metas.append((None, found[1]))
-        return metas
+        return [found_meta(await self.find_with_expiry(key)) for key in keys]
 
     async def _delete(self, keys: list[str]) -> int:
         now = self._clock()
