@@ -1,10 +1,14 @@
-"""What the benchmarks share: a free loopback port, waiting for a server, and wrk's report."""
+"""What the benchmarks share: a free loopback port, waiting for a server, a Redis server of their own, and
+wrk's report."""
 
 from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -21,6 +25,20 @@ def wait_for(port: int) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError("the server did not start")
+
+
+@contextmanager
+def redis_server(workdir: str) -> Iterator[int]:
+    """A redis-server on a free loopback port with no persistence, for the block; yields its port."""
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(port)
+        yield port
+    finally:
+        server.terminate()
+        server.wait()
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}

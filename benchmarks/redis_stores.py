@@ -14,7 +14,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import anyio
 import httpx
 import redis.asyncio
-from common import free_port, wait_for
+from common import redis_server
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -86,16 +85,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    port = free_port()
     workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
     try:
-        wait_for(port)
-        anyio.run(run, args.requests, args.rounds, port, workdir)
+        with redis_server(workdir) as port:
+            anyio.run(run, args.requests, args.rounds, port, workdir)
     finally:
-        server.terminate()
-        server.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

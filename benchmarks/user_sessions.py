@@ -19,14 +19,13 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from typing import Any
 
 import anyio
 import redis.asyncio
-from common import free_port, wait_for
+from common import redis_server
 
 from buntsession import DB, BuntStore, MemoryStore
 from buntsession.codec import decode_meta
@@ -126,16 +125,11 @@ def main() -> None:
     parser.add_argument("--mine", type=int, default=10)
     parser.add_argument("--reps", type=int, default=200)
     args = parser.parse_args()
-    port = free_port()
     workdir = tempfile.mkdtemp(dir=".", prefix=".bench-")
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
     try:
-        wait_for(port)
-        anyio.run(run, args.others, args.mine, args.reps, port, workdir)
+        with redis_server(workdir) as port:
+            anyio.run(run, args.others, args.mine, args.reps, port, workdir)
     finally:
-        server.terminate()
-        server.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

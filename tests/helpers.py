@@ -1,12 +1,16 @@
-"""Shared test helpers: a settable clock, fault-injecting file operations, and file surgery."""
+"""Shared test helpers: a settable clock, fault-injecting file operations, file surgery, and running the
+documentation's samples."""
 
 from __future__ import annotations
 
 import errno
 import os
 import socket
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -149,3 +153,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_snippet(code: str, tmp_path: Path, label: str) -> None:
+    """Run a documentation sample: a test module under pytest, anything else as a script."""
+    script = tmp_path / "test_sample.py"
+    script.write_text(code)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)] if "def test_" in code \
+        else [sys.executable, str(script)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"{label}:\n{code}\n{done.stdout}\n{done.stderr}"

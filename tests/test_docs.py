@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_snippet
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -39,12 +40,7 @@ def test_no_sample_is_hidden_from_this_test() -> None:
 
 @pytest.mark.parametrize(("page", "number", "code"), SAMPLES, ids=[f"{p}-{n}" for p, n, _ in SAMPLES])
 def test_docs_sample_runs(page: str, number: int, code: str, tmp_path: Path) -> None:
-    script = tmp_path / f"test_sample_{number}.py"
-    script.write_text(code)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)] if "def test_" in code \
-        else [sys.executable, str(script)]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, f"{page}, sample {number}:\n{code}\n{done.stdout}\n{done.stderr}"
+    run_snippet(code, tmp_path, f"{page}, sample {number}")
 
 
 def test_the_site_builds_strict_without_warnings(tmp_path: Path) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_snippet
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -19,10 +18,4 @@ def test_the_readme_has_snippets() -> None:
 
 @pytest.mark.parametrize("number", range(len(SNIPPETS)))
 def test_readme_snippet_runs(number: int, tmp_path: Path) -> None:
-    code = SNIPPETS[number]
-    script = tmp_path / f"test_snippet_{number}.py"
-    script.write_text(code)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)] if "def test_" in code \
-        else [sys.executable, str(script)]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, f"snippet {number}:\n{code}\n{done.stdout}\n{done.stderr}"
+    run_snippet(SNIPPETS[number], tmp_path, f"README snippet {number}")
