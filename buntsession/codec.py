@@ -50,8 +50,6 @@ class UnkeepableValue(TypeError, ValueError):
     cannot be kept), so either `except` catches it."""
 
 
-UnkeepableFloat = UnkeepableValue  # the name of 0.1.0.dev0
-
 
 def check_value(value: object) -> None:
     """Raise UnkeepableValue unless a session can keep `value` under a key and give it back exactly."""

@@ -38,7 +38,6 @@ class Update:
         removed: Set[str] = frozenset(),
         cleared: bool = False,
         meta_changed: bool = False,
-        record: bytes | None = None,
     ) -> None:
         self.data = data
         """Every key of the session as the request leaves it (decoded values)."""
@@ -58,7 +57,7 @@ class Update:
         """Drop every stored key before applying the request's own."""
         self.meta_changed = meta_changed
         """Whether `meta` differs from what was loaded (remember-me changed)."""
-        self._record = record
+        self._record: bytes | None = None
 
     def record(self) -> bytes:
         """The whole session as the request leaves it, encoded once. TypeError or ValueError for a value
