@@ -73,34 +73,50 @@ def check_json_like(value: object, depth: int = 0) -> None:
     """Raise UnkeepableValue unless `value` is JSON-like: dict with str keys, list, str, int, finite float,
     bool, None; strings valid Unicode (no lone surrogates)."""
     kind = type(value)
-    if kind is str:
-        _check_text(value)  # type: ignore[arg-type]
-        return
-    if kind is int:
-        if value.bit_length() > _CHECKED_INT_BITS:  # type: ignore[attr-defined]
-            _check_digits(value)  # type: ignore[arg-type]
-        return
-    if kind is bool or value is None:
-        return
-    if kind is float:
-        if not math.isfinite(value):  # type: ignore[arg-type]
-            raise UnkeepableValue(f"a session cannot keep the float {value!r}")
+    if kind is list:
+        items: Any = value
+    elif kind is dict:
+        for key in value:  # type: ignore[attr-defined]
+            if type(key) is not str:
+                raise UnkeepableValue(f"dict keys in a session value must be str, not {type(key).__name__}")
+            if not key.isascii():
+                _check_text(key)
+        items = value.values()  # type: ignore[attr-defined]
+    else:
+        _check_scalar(value, depth)
         return
     if depth >= _MAX_DEPTH:
         raise UnkeepableValue(f"a session value may nest {_MAX_DEPTH} levels deep at most")
-    if kind is list:
-        for item in value:  # type: ignore[attr-defined]
+    # The common leaves are checked here, inline: a call per leaf would double the cost of a check,
+    # which runs on every assignment of a list or dict.
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                _check_text(item)
+        elif kind is int:
+            if item.bit_length() > _CHECKED_INT_BITS:
+                _check_digits(item)
+        elif kind is list or kind is dict:
             check_json_like(item, depth + 1)
-        return
-    if kind is dict:
-        for key, item in value.items():  # type: ignore[attr-defined]
-            if type(key) is not str:
-                raise UnkeepableValue(f"dict keys in a session value must be str, not {type(key).__name__}")
-            _check_text(key)
-            check_json_like(item, depth + 1)
-        return
-    where = "" if depth == 0 else " inside a list or dict (bytes and datetime may only stand on their own)"
-    raise UnkeepableValue(f"a session cannot keep a {kind.__name__} with its exact type{where}")
+        elif not (kind is bool or item is None or (kind is float and item - item == 0.0)):
+            _check_scalar(item, depth + 1)  # raises: a non-finite float, or no JSON type at all
+
+
+def _check_scalar(value: object, depth: int) -> None:
+    """Raise UnkeepableValue unless `value` is a JSON scalar a session can keep."""
+    kind = type(value)
+    if kind is str:
+        _check_text(value)  # type: ignore[arg-type]
+    elif kind is int:
+        if value.bit_length() > _CHECKED_INT_BITS:  # type: ignore[attr-defined]
+            _check_digits(value)  # type: ignore[arg-type]
+    elif kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise UnkeepableValue(f"a session cannot keep the float {value!r}")
+    elif not (kind is bool or value is None):
+        where = "" if depth == 0 else " inside a list or dict (bytes and datetime may only stand on their own)"
+        raise UnkeepableValue(f"a session cannot keep a {kind.__name__} with its exact type{where}")
 
 
 _CHECKED_INT_BITS = 2_000

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -73,15 +73,19 @@ class _Decoded(NamedTuple):
         return {key: value if blob is None else thaw(blob) for key, value, blob in self.items}
 
 
-def _decoded(record: bytes, meta: Meta, values: dict[str, Any]) -> _Decoded:
+_NONE: Mapping[str, bytes] = {}
+
+
+def _decoded(record: bytes, meta: Meta, values: dict[str, Any], blobs: Mapping[str, bytes] = _NONE) -> _Decoded:
     """The cache entry of `record`, which holds `values`: datetimes as decoding gives them back (a fixed
-    UTC offset, fold 0), so a load served from the cache equals one served from the store."""
+    UTC offset, fold 0), so a load served from the cache equals one served from the store. `blobs` holds
+    the fingerprints already known of list and dict values (see `Pending.blobs`)."""
     items: list[tuple[str, Any, bytes | None]] = []
     pristine: dict[str, bytes] = {}
     for name, value in values.items():
         kind = type(value)
         if kind is list or kind is dict:
-            blob = fingerprint(value)
+            blob = blobs.get(name) or fingerprint(value)
             if blob is None:
                 return _Decoded(b"", meta, (), {})  # not JSON-like: keep nothing (never equals a record)
             items.append((name, None, blob))
@@ -151,7 +155,7 @@ class Lifecycle:
         if meta.end <= now or expires <= now:
             return self._fresh()  # ended (the store's clock may lag ours): never served
         if meta.user is not None and now - (meta.active or meta.created) >= self.activity_interval:
-            active = await self._activity(key, record, meta, values, now)
+            active = await self._activity(key, record, meta, values, now, known.pristine)
             if active is not None:
                 record, meta, expires, known = active
         elif self.idle_timeout is not None:
@@ -164,8 +168,8 @@ class Lifecycle:
                     logger.warning("could not move the idle deadline of a session", exc_info=True)
         return self._session.restore(token, key, record, meta, values, expires, known.pristine)
 
-    async def _activity(self, key: str, record: bytes, meta: Meta, values: dict[str, Any],
-                        now: float) -> tuple[bytes, Meta, float, _Decoded] | None:
+    async def _activity(self, key: str, record: bytes, meta: Meta, values: dict[str, Any], now: float,
+                        blobs: Mapping[str, bytes]) -> tuple[bytes, Meta, float, _Decoded] | None:
         """Write a user's session's last-active time (and move its idle deadline): one write, at most once
         per `activity_interval`. None when the session is gone meanwhile or the write failed (logged: the
         request goes on with the session as loaded)."""
@@ -173,7 +177,7 @@ class Lifecycle:
         expires = self._expiry(meta, now)
         update = Update(values, meta, expires, base=record, meta_changed=True)
         try:
-            if not await self._write(key, update):
+            if not await self._write(key, update, blobs):
                 return None
         except StoreError:
             logger.warning("could not record the activity of a session", exc_info=True)
@@ -265,7 +269,7 @@ class Lifecycle:
             if user is not None and self.users is not None:
                 self._encode(update)  # a session that cannot be stored leaves no index entry either
                 await self.users.bind_user(user, key, meta.end)  # before the record: never hidden
-            await self._write(key, update)
+            await self._write(key, update, pending.blobs if data is None else _NONE)
             session.stored(new, key, meta, expires)
         return CookieChange(new, meta)
 
@@ -281,7 +285,7 @@ class Lifecycle:
         update = Update(pending.data, meta, expires, base=pending.base, put=pending.put, removed=pending.removed,
                         cleared=pending.cleared, meta_changed=pending.remember_changed)
         key = pending.key or store_key(token)
-        if not await self._write(key, update):
+        if not await self._write(key, update, pending.blobs):
             logger.warning("changes to a session that was destroyed or renewed meanwhile were dropped")
             return None
         session.stored(token, key, meta, expires)
@@ -299,7 +303,8 @@ class Lifecycle:
         assert base_meta is not None and pending.token is not None
         update = Update(pending.data, base_meta, base_meta.end, base=pending.base, put=pending.put,
                         removed=pending.removed, cleared=pending.cleared)
-        found = await self.store.find_with_expiry(old_key) if await self._write(old_key, update) else None
+        merged = await self._write(old_key, update, pending.blobs)
+        found = await self.store.find_with_expiry(old_key) if merged else None
         if found is None:
             logger.warning("a session that was destroyed or renewed meanwhile was not renewed; its changes were "
                            "dropped")
@@ -340,14 +345,15 @@ class Lifecycle:
         data = {} if token is None else {"t": hide_token(token, imported.pad)}
         await self.store.merge(imported.marker, Update(data, Meta(now, imported.until), imported.until, create=True))
 
-    async def _write(self, key: str, update: Update) -> bool:
-        """Merge `update` into the store; on success, keep what was written for the next load of it."""
+    async def _write(self, key: str, update: Update, blobs: Mapping[str, bytes] = _NONE) -> bool:
+        """Merge `update` into the store; on success, keep what was written for the next load of it (with
+        `blobs`, the fingerprints of its lists and dicts known already)."""
         record = self._encode(update)
         if len(record) > MAX_RECORD_SIZE:
             raise StoreError(f"a session of {len(record):,} bytes is over the limit of {MAX_RECORD_SIZE:,} bytes; "
                              "nothing was stored")
         # Taken before the store is awaited: other tasks may change the lists and dicts meanwhile.
-        known = _decoded(record, update.meta, update.data)
+        known = _decoded(record, update.meta, update.data, blobs)
         if not await self.store.merge(key, update):
             return False
         self._keep(key, known)

@@ -100,6 +100,9 @@ class Pending(NamedTuple):
     """Whether login() was called: the request's User-Agent goes into the new session."""
     key: str | None
     """The store key of `token`, when the session is stored under it."""
+    blobs: dict[str, bytes]
+    """The `fingerprint` of list and dict values in `data`, for the keys whose fingerprint is known (taken
+    at this commit or at load); a key missing here has no known fingerprint, never a stale one."""
 
 
 # -- the typed helpers' kinds: one generic mechanism serves the seven types ------------------------------------
@@ -230,25 +233,37 @@ class Session(dict[str, Any]):
             return None
         data = dict(dict.items(self))  # not dict.copy: on a subclass it reads through __getitem__
         put = set(self._put) if self._put else set()
+        pristine = self._pristine or {}
+        blobs = {} if self._cleared or not pristine else \
+            {key: blob for key, blob in pristine.items() if key not in put} if put else dict(pristine)
         if self._assigned:
             for key, blob in self._assigned.items():
-                if key in put and key in data and (blob is None or fingerprint(data[key]) != blob):
-                    check_value(data[key])  # assigned, then changed in place
+                if key in put and key in data:
+                    now = fingerprint(data[key])
+                    if blob is None or now != blob:
+                        check_value(data[key])  # assigned, then changed in place
+                    if now is not None:
+                        blobs[key] = now
         if self._touched is not None or self._touched_all:
-            pristine = self._pristine or {}
             keys = [key for key, value in data.items() if type(value) in _MUTABLE] if self._touched_all \
                 else self._touched or ()
             for key in keys:
-                if key not in put and key in data and fingerprint(data[key]) != pristine.get(key):
-                    check_value(data[key])
-                    put.add(key)
+                if key not in put and key in data:
+                    now = fingerprint(data[key])
+                    if now != pristine.get(key):
+                        check_value(data[key])
+                        put.add(key)
+                        if now is not None:
+                            blobs[key] = now
+                        else:
+                            blobs.pop(key, None)
         removed: Set[str] = self._removed or frozenset()
         if not (always or put or removed or self._cleared or self._remember_changed or self._dead_tokens
                 or self._login):
             return None
         return Pending(self._token, self._meta, self._base, self._base_meta, data, put, removed, self._cleared,
                        self._remember, self._remember_changed, self._destroyed, self._dead_tokens, self._dead_user,
-                       self._user, self._agent, self._login, self._key)
+                       self._user, self._agent, self._login, self._key, blobs)
 
     def stored(self, token: str, key: str, meta: Meta, expires: float) -> None:
         """Record that the commit stored the session under `token`, at the store key `key`."""

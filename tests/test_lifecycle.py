@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from helpers import FakeClock
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from buntsession import DB, BuntStore, MemoryStore, Session
 from buntsession.lifecycle import EXPIRE_COOKIE, Lifecycle
@@ -186,3 +190,79 @@ async def test_a_session_too_large_to_store_is_refused_and_the_old_one_kept(tmp_
         assert dict(await life.load(token)) == {"a": 1}
     async with DB(str(tmp_path / "s.db")) as reopened:  # and the file still opens
         assert len(reopened) == 1
+
+
+# -- the decoded-record cache against a model ------------------------------------------------------------------
+
+_KEYS = st.sampled_from(["cart", "prefs", "n", "tags"])
+_LEAVES = st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from([1.0, 0.5, -0.0]) | st.text(max_size=3)
+_VALUES = st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=2), inner, max_size=3), max_leaves=6)
+_STEPS = st.lists(st.one_of(
+    st.tuples(st.just("assign"), _KEYS, _VALUES),
+    st.tuples(st.just("assign, then change in place"), _KEYS, _VALUES),
+    st.tuples(st.just("change in place"), _KEYS, _LEAVES),
+    st.tuples(st.just("change through values()"), _LEAVES),
+    st.tuples(st.just("delete"), _KEYS),
+    st.tuples(st.just("clear")),
+    st.tuples(st.just("read")),
+), min_size=1, max_size=4)
+
+
+def _change(value: Any, leaf: Any) -> None:
+    if type(value) is list:
+        value.append(leaf)
+    elif type(value) is dict:
+        value["added"] = leaf
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(_STEPS, min_size=1, max_size=6))
+def test_the_decoded_record_cache_never_serves_what_the_store_does_not_hold(requests: list[list[Any]]) -> None:
+    """Requests that assign, change in place (after loading, after assigning, through values()), delete
+    and clear: after each, the session loaded through the cache equals a model, and equals the session a
+    lifecycle without a cache decodes from the store."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        life, fresh_eyes = lifecycle(store, clock), lifecycle(store, clock)
+        token = await start(life, {"n": 0})
+        model: dict[str, Any] = {"n": 0}
+        for steps in requests:
+            session = await life.load(token)
+            assert dict(session) == model
+            for step in steps:
+                if step[0] == "assign":
+                    session[step[1]] = model[step[1]] = step[2]
+                elif step[0] == "assign, then change in place":
+                    value = copy.deepcopy(step[2])
+                    session[step[1]] = value
+                    _change(value, "later")
+                    model[step[1]] = copy.deepcopy(value)
+                elif step[0] == "change in place":
+                    if step[1] in session:
+                        _change(session[step[1]], step[2])
+                        _change(model[step[1]], step[2])
+                elif step[0] == "change through values()":
+                    for value, expected in zip(session.values(), model.values(), strict=True):
+                        _change(value, step[1])
+                        _change(expected, step[1])
+                elif step[0] == "delete":
+                    session.pop(step[1], None)
+                    model.pop(step[1], None)
+                elif step[0] == "clear":
+                    session.clear()
+                    model.clear()
+                else:
+                    assert dict(session) == model
+            session.freeze("committed")
+            change = await life.commit(session, ok=True)
+            assert change is None or change.token == token
+            for reader in (life, fresh_eyes):
+                again = await reader.load(token)
+                assert again.token == token
+                assert json.dumps(dict(again), sort_keys=True) == json.dumps(model, sort_keys=True)
+                assert repr(dict(again)) == repr(model)  # types too: 1, 1.0 and True differ
+
+    anyio.run(main)

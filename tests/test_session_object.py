@@ -249,3 +249,44 @@ def test_undecodable_records_raise_value_error(garbage: bytes) -> None:
 def test_undecodable_values_raise_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         decode_value(text)
+
+
+class _Text(str):
+    pass
+
+
+UNKEEPABLE = [(1,), {1}, frozenset(), b"x", bytearray(b"x"), datetime(2026, 1, 1), math.nan, math.inf, -math.inf, 1j,
+              object(), "\ud800", "ok \udfff", _Text("a str subclass"), {1: "a"}, {"\udfff": 1}, {_Text("k"): 1},
+              10**5000]
+
+
+_SIBLINGS = st.none() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | text
+
+
+@given(st.sampled_from(UNKEEPABLE),
+       st.lists(st.tuples(st.sampled_from(["list", "dict"]), st.booleans(), _SIBLINGS), min_size=1, max_size=8))
+def test_a_value_the_codec_cannot_keep_is_refused_at_any_depth(bad: Any, path: list[tuple[str, bool, Any]]) -> None:
+    value = bad  # bytes and datetime may stand on their own, not inside a list or dict
+    for container, first, sibling in path:  # wrap it, with a keepable sibling before or after it
+        if container == "list":
+            value = [value, sibling] if first else [sibling, value]
+        else:
+            value = {"bad": value, "ok": sibling} if first else {"ok": sibling, "bad": value}
+    session = Session()
+    with pytest.raises(TypeError):
+        session["k"] = value
+    assert "k" not in session
+
+
+@pytest.mark.parametrize("container", [list, dict])
+def test_values_nest_64_levels_deep_at_most(container: type) -> None:
+    def nest(levels: int) -> Any:
+        value: Any = 1
+        for _ in range(levels):
+            value = [value] if container is list else {"k": value}
+        return value
+
+    session = Session()
+    session["ok"] = nest(64)
+    with pytest.raises(TypeError, match="64 levels"):
+        session["deep"] = nest(65)
