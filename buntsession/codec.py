@@ -65,8 +65,10 @@ def check_value(value: object) -> None:
         offset = value.utcoffset()  # type: ignore[attr-defined]
         if offset is not None and offset.microseconds:
             raise UnkeepableValue(f"a datetime whose UTC offset has sub-second parts ({offset}) cannot be kept")
-    else:
+    elif kind is list or kind is dict:
         check_json_like(value)
+    else:
+        _check_scalar(value, 0)
 
 
 def check_json_like(value: object, depth: int = 0) -> None:
