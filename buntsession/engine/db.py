@@ -36,6 +36,16 @@ another. Two threads at once (two event loops using one DB concurrently) also wo
 steps take a lock that is never held across an `await` (so waiting for it is bounded by one step), a group
 commit waits only for an fsync led from its own thread, and a thread that finds another thread's rewrite
 in its final phase polls until it is done.
+
+The fast path
+-------------
+
+`set` and `update` take their step without that lock, as long as they run in the thread that opened the DB
+(the "solo" thread: an app's one event loop) and nothing sends them the general way (`_due`: periodic work
+due, a closed gate, shared mode, `sync="always"`, a closed or failed DB). A second thread that takes the
+lock ends the solo thread's lock-free steps for good, waiting for one in progress (`_take_guard`). The
+fast path does what `_write` does with the lock held, inlined: the same checks, one write call, the same
+index update.
 """
 
 from __future__ import annotations
@@ -77,8 +87,11 @@ _SNAPSHOT_CHUNK: Final = 1000
 """Keys encoded per step of a rewrite's snapshot on the event loop."""
 _SNAPSHOT_WRITE: Final = 1 << 20
 """Bytes of encoded snapshot handed to a worker thread at once."""
-_FAST_KEY_CHARS: Final = fmt.MAX_KEY_SIZE  # an ASCII key this long encodes within the limit
-_FAST_TTL_LIMIT: Final = 1 << 52  # below it an int ttl converts to float exactly and the sum stays finite
+_FAST_TTL_LIMIT: Final = float(1 << 52)  # below it an int ttl converts to float exactly and the sum stays finite
+# (a float: comparing a float with an int this large takes CPython's slow path)
+_MAX_VALUE: Final = fmt.MAX_VALUE_SIZE
+_MAX_KEY: Final = fmt.MAX_KEY_SIZE
+_INF: Final = math.inf
 _SHRINK_RETRY_FIRST: Final = 60.0
 _SHRINK_RETRY_MAX: Final = 3600.0
 _SYNC_INTERVAL: Final = 1.0
@@ -88,6 +101,8 @@ _HOST_SLACK: Final = 0.1
 _monotonic = time.monotonic
 _heappush = heapq.heappush
 _get_ident = threading.get_ident
+_encode = fmt.encode_record
+_SET: Final = fmt.SET
 
 # A child process forked after open shares the parent's file and lock; it must not use them. Its copies
 # of the open DBs forget their keys, so every call (reads included) finds the fork and refuses.
@@ -101,6 +116,7 @@ def _after_fork_in_child() -> None:
     for db in list(_open_dbs):
         db._index = Index()
         db._guard = threading.Lock()  # it may have been held by a thread that did not survive the fork
+        db._solo, db._busy, db._due = 0, False, -math.inf
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -229,7 +245,13 @@ class DB:
         self._salt = 0  # the file's salt: every record this DB frames starts its checksums from it
         self._index = Index()
         self._guard = threading.Lock()
-        """Held by each synchronous write step, never across an await: only a second thread ever waits."""
+        """Held by each synchronous write step of the general path, never across an await: only a second
+        thread ever waits (see `_take_guard`)."""
+        self._solo = 0
+        """The thread whose fast-path steps skip the guard: the one that opened the DB, until another thread
+        takes the guard (then 0: every thread takes it). See `_take_guard`."""
+        self._busy = False
+        """True while the solo thread is in a fast-path step (set before it checks that it is still solo)."""
         self._gate: _Gate | None = None
         self._failed: BaseException | None = None
         self._host: _Host | None = None
@@ -239,8 +261,11 @@ class DB:
         self._rewriting_soon = False  # an autoshrink task was started
         self._restore = False  # the data file was deleted under us: the next rewrite puts it back
         self._sync_due = self._cleanup_due = 0.0
-        self._due = math.inf
+        self._work_due = math.inf
         """Monotonic time from which a write does the overdue periodic work itself."""
+        self._due = -math.inf
+        """Monotonic time until which a write may take the fast path: `_work_due`, or -inf while only the
+        general path may write (closed, failed, forked, a closed gate, shared mode, sync="always")."""
         self._shrinks = 0
         self._base_size = 0
         self._shrink_retry_at = 0.0
@@ -297,6 +322,7 @@ class DB:
             self._shrink_retry_at, self._shrink_backoff = 0.0, _SHRINK_RETRY_FIRST
             self._open = True
             self._users = 1
+            self._solo, self._busy = _get_ident(), False
             _open_dbs.add(self)
             now = _monotonic()
             self._sync_due = now + _SYNC_INTERVAL
@@ -364,7 +390,7 @@ class DB:
         self._log, self._link = None, None
         _open_dbs.discard(self)
         self._index = Index()
-        self._due = math.inf
+        self._due = -math.inf
         if log is None:
             return
         error: OSError | None = None
@@ -465,15 +491,19 @@ class DB:
             self._rewriting_soon = False
 
     def _schedule(self) -> None:
-        """When a write must do the periodic work itself: when it is due, or a little later while a host
-        task is alive to do it."""
-        if self._gate is not None or self._link is not None:
-            self._due = -math.inf  # every write takes the general path: it waits at the gate, or catches up
-            return
+        """When a write must do the periodic work itself (when it is due, or a little later while a host
+        task is alive to do it), and whether writes may take the fast path until then."""
         due = self._cleanup_due
         if self.sync_policy == "everysec":
             due = min(due, self._sync_due)
-        self._due = due + (_HOST_SLACK if self._host is not None else 0.0)
+        self._work_due = due + (_HOST_SLACK if self._host is not None else 0.0)
+        if (self._gate is not None or self._link is not None or self._always or not self._open
+                or self._failed is not None or self._fork_gen != _fork_generation):
+            # Every write takes the general path: it waits at the gate, catches up with the other
+            # processes, leads a group commit, or raises why this DB takes no writes.
+            self._due = -math.inf
+        else:
+            self._due = self._work_due
 
     async def _work_as_calls_arrive(self) -> None:
         """A bounded step of overdue periodic work, done by a write (no host, or a starved one)."""
@@ -622,60 +652,62 @@ class DB:
         (a time already past stores a key that is never returned); neither: never."""
         # The hot path: the common argument types are checked inline, anything else by the helpers,
         # which raise the errors the contract names.
-        if type(key) is str and key and len(key) <= _FAST_KEY_CHARS and key.isascii():
-            kb = key.encode()
+        if type(key) is str:
+            try:
+                kb = key.encode()
+            except UnicodeEncodeError:
+                kb = _key_bytes(key)  # raises
+            if not 0 < len(kb) <= _MAX_KEY:
+                kb = _key_bytes(key)  # raises
         else:
             kb = _key_bytes(key)
-        if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
+        if type(value) is not bytes or len(value) > _MAX_VALUE:
             value = _value_bytes(value)
         if ttl is None:
             if expire_at is not None:
                 expire_at = _unix_time(expire_at)
         elif expire_at is not None:
             raise TypeError("give ttl or expire_at, not both")
-        elif (type(ttl) is int or type(ttl) is float) and 0 < ttl < _FAST_TTL_LIMIT:
+        elif (type(ttl) is float or type(ttl) is int) and 0.0 < ttl < _FAST_TTL_LIMIT:
             expire_at = self._clock() + ttl
         else:
             expire_at = self._expire_at(ttl)
-        record = fmt.encode_record(fmt.SET, kb, value, expire_at, self._salt)
+        record = _encode(_SET, kb, value, expire_at, self._salt)
         entry = (value, expire_at)
-        if _monotonic() >= self._due:  # a closed gate, shared mode, or periodic work due: the general path
-            await self._write(key, lambda _: (record, entry))
+        me = _get_ident()
+        if me != self._solo or _monotonic() >= self._due:  # another thread, work due, or see `_due`
+            await self._write(key, partial(_planned, record, entry))
             return
-        guard = self._guard
-        if not guard.acquire(False):  # positional: the keyword form costs twice as much
-            guard.acquire()  # another thread in a synchronous step (two loops at once): microseconds
-        failed = None
-        deferred = False
+        self._busy = True  # then check again that this thread is still the solo one: see `_take_guard`
+        if self._solo != me:
+            self._busy = False
+            await self._write(key, partial(_planned, record, entry))
+            return
+        # The fast path: one synchronous step, as `_write` takes with the guard held.
+        log = self._log
         try:
-            if not self._open or self._failed is not None or self._fork_gen != _fork_generation:
-                self._writable()  # raises why
-            log = self._log
-            if self._gate is not None:
-                deferred = True  # closed by another thread since the check above
-            else:
+            try:
                 if log is not None:
-                    log.append(record)  # the one write: AppendLog.append itself (the blocking watch allows it)
-                # Index.put, inlined: this is the hottest path of the engine.
+                    # AppendLog.append, inlined (one write call): this is the hottest path of the engine.
+                    try:
+                        n = log._write(log.fd, record)
+                    except OSError as exc:
+                        raise self._append_failed(log, record, exc) from exc
+                    if n != len(record):
+                        raise self._append_failed(log, record, n)
+                    log.end += n
+                    log.written += n
+                # Index.put, inlined.
                 index = self._index
                 data = index.data
                 old = data.get(key)
                 data[key] = entry
                 if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
                     _heappush(index.heap, (expire_at, key))
-        except AppendFailed as exc:
-            self._gate = _Gate()  # no one appends until the failed write is cut off
-            self._due = -math.inf
-            failed = exc
-        finally:
-            guard.release()
-        if deferred:
-            await self._write(key, lambda _: (record, entry))
-        elif log is not None:
-            if failed is not None:
-                await self._recover_append(log, failed)
-            if self._always:
-                await self._sync_to(log, log.written)
+            finally:
+                self._busy = False
+        except AppendFailed as failed:
+            await self._recover_append(log, failed)  # type: ignore[arg-type]  # an append had a log
 
     async def update(self, key: str, change: Callable[[bytes | None], tuple[bytes, float | None] | None]) -> bool:
         """Read, change and write `key` atomically: no other write to the DB comes in between.
@@ -684,23 +716,76 @@ class DB:
         absolute expiry (unix time, or None for none), or None to leave the key as it is. It runs while
         writes wait, so it must be short, and it must not await. Returns True when something was written.
         An exception from `change` propagates and nothing is written; so does a value over the size cap
-        (ValueError) or not bytes-like (TypeError).
+        (ValueError) or not bytes-like (TypeError), or an expiry that is not a finite number (ValueError,
+        TypeError).
         """
-        kb = _key_bytes(key)
+        if type(key) is str:
+            try:
+                kb = key.encode()
+            except UnicodeEncodeError:
+                kb = _key_bytes(key)  # raises
+            if not 0 < len(kb) <= _MAX_KEY:
+                kb = _key_bytes(key)  # raises
+        else:
+            kb = _key_bytes(key)
+        me = _get_ident()
+        if me != self._solo or _monotonic() >= self._due:  # as in `set`
+            return await self._write(key, partial(self._plan_update, kb, change))
+        self._busy = True
+        if self._solo != me:
+            self._busy = False
+            return await self._write(key, partial(self._plan_update, kb, change))
+        # The fast path: `_write`'s step with `_plan_update`, inlined (the session store's write path).
+        log = self._log
+        try:
+            try:
+                index = self._index
+                data = index.data
+                old = data.get(key)
+                if old is not None and old[1] is not None and old[1] <= self._clock():
+                    del data[key]  # expired (as Index.live does)
+                    old = None
+                new = change(None if old is None else old[0])
+                if new is None:
+                    return False
+                value, expire_at = new
+                if type(value) is not bytes or len(value) > _MAX_VALUE:
+                    value = _value_bytes(value)
+                if expire_at is not None and not (type(expire_at) is float and -_INF < expire_at < _INF):
+                    expire_at = _unix_time(expire_at)
+                record = _encode(_SET, kb, value, expire_at, self._salt)
+                if log is not None:
+                    try:
+                        n = log._write(log.fd, record)
+                    except OSError as exc:
+                        raise self._append_failed(log, record, exc) from exc
+                    if n != len(record):
+                        raise self._append_failed(log, record, n)
+                    log.end += n
+                    log.written += n
+                data[key] = (value, expire_at)
+                if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
+                    _heappush(index.heap, (expire_at, key))
+                return True
+            finally:
+                self._busy = False
+        except AppendFailed as failed:
+            await self._recover_append(log, failed)  # type: ignore[arg-type]  # an append had a log
 
-        def plan(entry: Entry | None) -> tuple[bytes, Entry | None] | None:
-            new = change(None if entry is None else entry[0])
-            if new is None:
-                return None
-            # Every write path checks the size: a record over the cap could not be read back, and the
-            # file would no longer open.
-            value = new[0]
-            if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
-                value = _value_bytes(value)
-            expire_at = None if new[1] is None else _unix_time(new[1])
-            return fmt.encode_record(fmt.SET, kb, value, expire_at, self._salt), (value, expire_at)
-
-        return await self._write(key, plan)
+    def _plan_update(self, kb: bytes, change: Callable[[bytes | None], tuple[bytes, float | None] | None],
+                     entry: Entry | None) -> tuple[bytes, Entry | None] | None:
+        """`update`'s step for the general path (`_write`)."""
+        new = change(None if entry is None else entry[0])
+        if new is None:
+            return None
+        # Every write path checks the size: a record over the cap could not be read back, and the
+        # file would no longer open.
+        value, expire_at = new
+        if type(value) is not bytes or len(value) > _MAX_VALUE:
+            value = _value_bytes(value)
+        if expire_at is not None:
+            expire_at = _unix_time(expire_at)
+        return _encode(_SET, kb, value, expire_at, self._salt), (value, expire_at)
 
     async def expire(self, key: str, ttl: float | None, *, expire_at: float | None = None) -> bool:
         """Change only the expiry of `key`: `ttl` seconds from now, or the unix time `expire_at`, or (both
@@ -736,13 +821,11 @@ class DB:
             if (gate := self._gate) is not None:
                 await gate.wait(lambda: self._gate is gate)
                 continue
-            if _monotonic() >= self._due and self._open:
+            if _monotonic() >= self._work_due and self._open:
                 await self._work_as_calls_arrive()
             if link is not None and not await link.ready_to_append():
                 continue
-            guard = self._guard
-            if not guard.acquire(False):
-                guard.acquire()
+            self._take_guard()
             locked = False
             try:
                 log = self._writable()
@@ -765,7 +848,7 @@ class DB:
             finally:
                 if locked:
                     link.unlock()  # type: ignore[union-attr]
-                guard.release()
+                self._guard.release()
             if log is None:
                 return True
             if failed is not None:
@@ -789,6 +872,29 @@ class DB:
 
     # -- internals: the write path ---------------------------------------------------------------------------
 
+    def _take_guard(self, blocking: bool = True) -> bool:
+        """Take the guard for a synchronous step (released by the caller, never held across an await).
+
+        The solo thread's fast-path steps (`set`, `update`) skip the guard: a thread that takes the guard
+        while another thread is solo ends that, for good (every thread then takes the guard), and waits for
+        the solo thread's step in progress, if any, to end. The two flags follow Dekker's rule, which the
+        GIL makes sound: the solo thread sets `_busy` before it reads `_solo` (again), and this clears `_solo`
+        before it reads `_busy`; so either that step sees `_solo` cleared and takes the general path, or this
+        sees it busy and waits (a step is a few microseconds: no await, one write call). Only the solo thread
+        ever sets `_busy` (it checks that it is solo first).
+        """
+        guard = self._guard
+        if not guard.acquire(False):
+            if not blocking:
+                return False
+            guard.acquire()  # another thread in a synchronous step (two loops at once): microseconds
+        solo = self._solo
+        if solo and solo != _get_ident():
+            self._solo = 0
+            while self._busy:
+                os.sched_yield()  # releases the GIL to the solo thread, which ends its step
+        return True
+
     def _append(self, log: AppendLog, record: bytes) -> AppendFailed | None:
         """Append under the guard. On failure, close the gate (no one appends until the failed write is cut
         off, in a thread) and return the failure for `_recover_append`."""
@@ -799,6 +905,13 @@ class DB:
             self._due = -math.inf
             return exc
         return None
+
+    def _append_failed(self, log: AppendLog, record: bytes, result: int | OSError) -> AppendFailed:
+        """A fast-path append that failed (`result`: what the write call returned or raised): close the gate
+        as `_append` does, and return the failure for `_recover_append`."""
+        self._gate = _Gate()
+        self._due = -math.inf
+        return log.failure(record, result)
 
     async def _recover_append(self, log: AppendLog, exc: AppendFailed) -> NoReturn:
         """Cut what a failed append left (off the event loop), open the gate, then raise StoreError."""
@@ -870,6 +983,7 @@ class DB:
     def _fail(self, exc: BaseException, what: str) -> None:
         if self._failed is None:
             self._failed = exc
+            self._due = -math.inf
             logger.error("%s failed on %s: %s; the DB refuses writes until it is reopened", what,
                          self._abspath, exc)
 
@@ -886,7 +1000,7 @@ class DB:
 
     def _drop_expired_step(self) -> bool:
         """One bounded batch of expired keys dropped from memory. Returns whether more are due."""
-        if not self._open or not self._guard.acquire(False):
+        if not self._open or not self._take_guard(blocking=False):
             return False  # another thread is in a write step: the next pass will do it
         try:
             started = time.perf_counter()
@@ -999,8 +1113,13 @@ class DB:
             if self._closing and not restore:
                 raise _Aborted
             # The final phase: this DB's writers wait at the gate (and, shared, the others at the append lock).
-            gate = self._gate = _Gate()
-            self._due = -math.inf
+            # Closed under the guard, so that no other thread's write step is in progress past it.
+            self._take_guard()
+            try:
+                gate = self._gate = _Gate()
+                self._due = -math.inf
+            finally:
+                self._guard.release()
             try:
                 with anyio.CancelScope(shield=True):
                     if link is not None:
@@ -1048,6 +1167,11 @@ class DB:
 
 class _Aborted(Exception):
     """A rewrite gave up because the DB is closing."""
+
+
+def _planned(record: bytes, entry: Entry, _: Entry | None) -> tuple[bytes, Entry]:
+    """A `_write` plan that writes `record` and installs `entry` whatever the key holds (`set`)."""
+    return record, entry
 
 
 # -- argument checks -----------------------------------------------------------------------------------------

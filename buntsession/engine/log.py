@@ -195,15 +195,26 @@ class AppendLog:
     # -- writing -----------------------------------------------------------------------------------------
 
     def append(self, data: bytes) -> None:
-        """Write one record (or batch) with one write call. Raises AppendFailed, leaving `end` unchanged."""
+        """Write one record (or batch) with one write call. Raises AppendFailed, leaving `end` unchanged.
+
+        `DB.set` and `DB.update` inline this (the write call through `_write`, then `end` and `written`
+        moved by what it wrote, or `failure`): keep them in step."""
         try:
             n = self._write(self.fd, data)
         except OSError as exc:
-            raise AppendFailed(f"write to {self.path} failed: {exc}") from exc
+            raise self.failure(data, exc) from exc
         if n != len(data):
-            raise AppendFailed(f"short write to {self.path}: {n} of {len(data)} bytes (out of space?)")
+            raise self.failure(data, n)
         self.end += n
         self.written += n
+
+    def failure(self, data: bytes, result: int | OSError) -> AppendFailed:
+        """The AppendFailed for an append of `data` whose write call returned or raised `result`."""
+        if isinstance(result, OSError):
+            failed = AppendFailed(f"write to {self.path} failed: {result}")
+            failed.__cause__ = result
+            return failed
+        return AppendFailed(f"short write to {self.path}: {result} of {len(data)} bytes (out of space?)")
 
     def truncate_to_end(self) -> None:
         """Cut whatever a failed append left after the last complete record. Blocking."""

@@ -78,13 +78,11 @@ class SharedLink:
             await self._reload()
             if db._log is not log:
                 return
-        guard = db._guard
-        if not guard.acquire(False):
-            guard.acquire()
+        db._take_guard()
         try:
             found = log.catch_up(db._index.apply, False, _ON_LOOP_LIMIT)
         finally:
-            guard.release()
+            db._guard.release()
         if found == -1:
             await self._read_backlog()
 
@@ -182,13 +180,11 @@ class SharedLink:
             return
         start, fresh = await anyio.to_thread.run_sync(log.read_new)
         if db._log is log:
-            guard = db._guard
-            if not guard.acquire(False):
-                guard.acquire()
+            db._take_guard()
             try:
                 log.apply_new(start, fresh, db._index.apply, False)
             finally:
-                guard.release()
+                db._guard.release()
 
     async def _reload(self) -> None:
         """Move to the file another process's rewrite put at the path: load it in a worker thread, then
@@ -208,15 +204,13 @@ class SharedLink:
             if db._log is not log or log.generation != generation:
                 log.discard(new)  # closed, or moved on meanwhile
                 return
-            guard = db._guard
-            if not guard.acquire(False):
-                guard.acquire()
+            db._take_guard()
             try:
                 db._index = Index(replayed, db._clock())
                 log.switch(new)
                 db._salt = log.salt  # a file recreated meanwhile has a salt of its own
             finally:
-                guard.release()
+                db._guard.release()
         finally:
             self._reloading = None
             done.set()
