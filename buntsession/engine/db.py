@@ -817,16 +817,20 @@ class DB:
         record to append and the entry to install (None deletes the key), or None to write nothing.
         Returns whether it wrote."""
         link = self._link
+        busy = 0  # attempts that found the append lock held by another process (shared mode)
         while True:
-            if (gate := self._gate) is not None:
-                await gate.wait(lambda: self._gate is gate)
+            if self._gate is not None:
+                await self._wait_gate()
                 continue
             if _monotonic() >= self._work_due and self._open:
                 await self._work_as_calls_arrive()
-            if link is not None and not await link.ready_to_append():
-                continue
+            if link is not None:
+                if busy:
+                    await link.wait_turn(busy)
+                if not await link.ready_to_append():
+                    continue
             self._take_guard()
-            locked = False
+            locked: bool | None = False
             try:
                 log = self._writable()
                 if self._gate is not None:
@@ -834,6 +838,8 @@ class DB:
                 if link is not None:
                     locked = link.lock_and_catch_up()
                     if not locked:
+                        if locked is None:
+                            busy += 1
                         continue
                 step = plan(self._index.live(key, self._clock()))
                 if step is None:
@@ -871,6 +877,10 @@ class DB:
         await self._rewrite(explicit=True)
 
     # -- internals: the write path ---------------------------------------------------------------------------
+
+    async def _wait_gate(self) -> None:
+        while (gate := self._gate) is not None:
+            await gate.wait(lambda: self._gate is gate)
 
     def _take_guard(self, blocking: bool = True) -> bool:
         """Take the guard for a synchronous step (released by the caller, never held across an await).
