@@ -827,7 +827,7 @@ class DB:
             if link is not None:
                 if busy:
                     await link.wait_turn(busy)
-                if not await link.ready_to_append():
+                if link.pending and not await link.ready_to_append():
                     continue
             self._take_guard()
             locked: bool | None = False

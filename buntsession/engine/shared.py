@@ -3,7 +3,8 @@
 Each process keeps the whole live set in memory, as a single owner does. They take turns to append:
 a write takes the sharers' append lock (a lock file beside the data file, held only for the append),
 first catches up on the records the others appended, then appends its own. A read first checks, with
-one stat, whether the file grew or was replaced, and if so catches up (or reloads the rewritten file).
+one fstat (`AppendLog.look`), whether the file grew or was replaced, and if so catches up (or reloads the
+rewritten file).
 A rewrite is done by whichever process decides to, under the append lock; the others notice the new file
 and reload it. Every sharer must open the file with the same options.
 
@@ -11,6 +12,10 @@ Catching up on a few records (the common case: the other worker wrote a session 
 one `pread` on the event loop, as cheap as the append itself, inside the write's synchronous step: no thread
 hop, so writes from several processes scale. A larger backlog is read in a worker thread, and a replaced
 file is loaded in one, before the write takes its step.
+
+A write that finds the append lock held retries it on the loop for a few tens of microseconds (the holder
+keeps it for one write step), then lets the loop's other tasks run, then sleeps a little longer each time:
+each write keeps its own count, so one busy moment never makes every other write of the process sleep.
 
 The synchronous `len(db)` and `db.stats()` show what this process has read so far: the next async call
 catches up.
@@ -58,6 +63,8 @@ class SharedLink:
         self._needs_reload = False
         self._needs_backlog = False
         self._torn_at: int | None = None
+        self.pending = False
+        """Whether the last attempt to append found something `ready_to_append` must do first."""
         self._reloading: anyio.Event | None = None
 
     def options(self) -> str:
@@ -71,7 +78,7 @@ class SharedLink:
     # -- reads ------------------------------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Catch up with the file before a read: one stat when nothing changed."""
+        """Catch up with the file before a read: one fstat when nothing changed."""
         db = self._db
         # A rewrite of ours swapping files first: its end already counts the others' records it took in,
         # which reach the index only when the swap is done, so `look()` cannot be trusted until then.
@@ -111,6 +118,7 @@ class SharedLink:
     async def ready_to_append(self) -> bool:
         """Do, off the write's synchronous step, what the last attempt found it must do first. Returns True
         when the write may take its step now; False to start over."""
+        self.pending = False
         db = self._db
         log = db._log
         if log is None:
@@ -131,7 +139,7 @@ class SharedLink:
 
     def lock_and_catch_up(self) -> bool | None:
         """In the write's synchronous step (the DB's guard held): take the sharers' append lock and apply
-        what the others appended since (one stat, and one pread when they did). True: locked and caught up.
+        what the others appended since (one fstat, and one pread when they did). True: locked and caught up.
         False, holding nothing, when the write must start over (after `ready_to_append`); None, holding
         nothing, when another process kept the append lock (the write starts over after `wait_turn`)."""
         db = self._db
@@ -143,17 +151,20 @@ class SharedLink:
             while not log.try_append_lock():
                 if _perf_counter() >= deadline:
                     return None
+        self.pending = True
         try:
             new = log.look()
             if new is None:
                 self._needs_reload = True
             elif new <= 0:
+                self.pending = False
                 return True
             elif new > _ON_LOOP_LIMIT:
                 self._needs_backlog = True
             else:
                 found = log.apply_appended(new, db._index.apply, True)
                 if found is None:
+                    self.pending = False
                     return True
                 self._torn_at = found
         except BaseException:
