@@ -1,5 +1,11 @@
 """`DB`: the in-memory index over the append-only file, expiry, and the background work as anyio tasks.
 
+The units it is made of: `index` (the keys, their expiry heap, what a record does to them), `log` (the
+data file: lock, load, append, fsync, the phases of a rewrite), `rewrite` (rewriting the file to the live
+set: shrink, autoshrink, restoring a deleted file), `shared` (shared mode's catching up with the other
+processes), `host` (the gates that hold writers, the task that hosts the background work), `args` (the
+argument checks) and `format` (the bytes of a file). This module holds the DB's state and its calls.
+
 Who runs what
 -------------
 
@@ -69,8 +75,11 @@ import anyio.abc
 import anyio.lowlevel
 
 from buntsession.engine import format as fmt
+from buntsession.engine.args import check_key, key_bytes, require_int, seconds, unix_time, value_bytes
+from buntsession.engine.host import Gate, Host, running_loop
 from buntsession.engine.index import Entry, Index, apply_record, live_size
-from buntsession.engine.log import AppendFailed, AppendLog, FileOps, Rewrite, Superseded
+from buntsession.engine.log import AppendFailed, AppendLog, FileOps
+from buntsession.engine.rewrite import SNAPSHOT_CHUNK, Rewriter
 from buntsession.engine.shared import SharedLink
 from buntsession.errors import FileLockedError, StoreError
 
@@ -83,17 +92,11 @@ MEMORY: Final = ":memory:"
 
 _CLEANUP_BATCH: Final = 500
 """Expired keys dropped per step on the event loop: well under a millisecond."""
-_SNAPSHOT_CHUNK: Final = 1000
-"""Keys encoded per step of a rewrite's snapshot on the event loop."""
-_SNAPSHOT_WRITE: Final = 1 << 20
-"""Bytes of encoded snapshot handed to a worker thread at once."""
 _FAST_TTL_LIMIT: Final = float(1 << 52)  # below it an int ttl converts to float exactly and the sum stays finite
 # (a float: comparing a float with an int this large takes CPython's slow path)
 _MAX_VALUE: Final = fmt.MAX_VALUE_SIZE
 _MAX_KEY: Final = fmt.MAX_KEY_SIZE
 _INF: Final = math.inf
-_SHRINK_RETRY_FIRST: Final = 60.0
-_SHRINK_RETRY_MAX: Final = 3600.0
 _SYNC_INTERVAL: Final = 1.0
 _HOST_SLACK: Final = 0.1
 """How late the host task may be with its periodic work before a call does it instead."""
@@ -138,62 +141,6 @@ class Stats:
     """Rewrites of the data file since open."""
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop, or None (under trio)."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-class _Gate:
-    """Holds a DB's writers while something that must not interleave with appends runs (the end of a
-    rewrite, cutting a failed append, opening and closing). Made and opened on one event loop."""
-
-    __slots__ = ("event", "thread")
-
-    def __init__(self) -> None:
-        self.thread = _get_ident()
-        self.event = anyio.Event()
-
-    async def wait(self, still_closed: Callable[[], bool]) -> None:
-        if _get_ident() == self.thread:
-            await self.event.wait()
-        else:  # another thread's loop owns the event: poll (only when two threads use one DB at once)
-            while still_closed():  # noqa: ASYNC110
-                await anyio.sleep(0.001)
-
-
-class _Host:
-    """The detached task that hosts a DB's task group on one event loop (see the module docstring)."""
-
-    __slots__ = ("cancel_soon", "done", "loop", "scope", "stopped", "tg", "thread")
-
-    def __init__(self, cancel_soon: Callable[[Callable[[], object]], object]) -> None:
-        self.thread = _get_ident()
-        self.cancel_soon = cancel_soon
-        """Runs a callable on the host's loop, from any thread."""
-        self.scope: anyio.CancelScope | None = None
-        self.tg: anyio.abc.TaskGroup | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # asyncio: the host's loop
-        self.stopped = False
-        self.done: anyio.Event | None = None
-
-    def stop(self) -> None:
-        """Cancel the host's task group (from any thread)."""
-        self.stopped = True
-        scope = self.scope
-        if scope is None:
-            return
-        if _get_ident() == self.thread:
-            scope.cancel()
-        else:
-            try:
-                self.cancel_soon(scope.cancel)
-            except RuntimeError:
-                pass  # its loop has closed: nothing runs there any more
-
-
 class DB:
     """An embedded key/value store kept in one append-only file. See the package README for the contract.
 
@@ -216,16 +163,16 @@ class DB:
     ) -> None:
         if sync not in get_args(SyncPolicy):
             raise ValueError(f"sync must be one of {get_args(SyncPolicy)}, not {sync!r}")
-        _require_int("autoshrink_percentage", autoshrink_percentage)
-        _require_int("autoshrink_min_size", autoshrink_min_size)
+        require_int("autoshrink_percentage", autoshrink_percentage)
+        require_int("autoshrink_min_size", autoshrink_min_size)
         self.path = os.fspath(path)
         self.sync_policy: SyncPolicy = sync
         self._always = sync == "always"
         self.autoshrink = bool(autoshrink)
         self.autoshrink_percentage = autoshrink_percentage
         self.autoshrink_min_size = autoshrink_min_size
-        self.cleanup_interval = _seconds(cleanup_interval, "cleanup_interval")
-        self.lock_timeout = 0.0 if lock_timeout == 0 else _seconds(lock_timeout, "lock_timeout")
+        self.cleanup_interval = seconds(cleanup_interval, "cleanup_interval")
+        self.lock_timeout = 0.0 if lock_timeout == 0 else seconds(lock_timeout, "lock_timeout")
         self._memory = self.path == MEMORY
         self.shared = bool(shared)
         if self.shared and self._memory:
@@ -239,7 +186,7 @@ class DB:
         self._users = 0
         self._fork_gen = _fork_generation
         self._open = False
-        self._transition: _Gate | None = None  # an open or a close in progress
+        self._transition: Gate | None = None  # an open or a close in progress
         self._log: AppendLog | None = None
         self._link: SharedLink | None = None  # shared mode: catching up with the other processes
         self._salt = 0  # the file's salt: every record this DB frames starts its checksums from it
@@ -252,24 +199,18 @@ class DB:
         takes the guard (then 0: every thread takes it). See `_take_guard`."""
         self._busy = False
         """True while the solo thread is in a fast-path step (set before it checks that it is still solo)."""
-        self._gate: _Gate | None = None
+        self._gate: Gate | None = None
         self._failed: BaseException | None = None
-        self._host: _Host | None = None
+        self._host: Host | None = None
         self._sync_batch: tuple[int, anyio.Event] | None = None  # a group-commit fsync in flight: thread, event
         self._syncing = False  # a background fsync in flight
-        self._rewriting: _Gate | None = None  # a rewrite in progress (its gate opens when it ends)
-        self._rewriting_soon = False  # an autoshrink task was started
-        self._restore = False  # the data file was deleted under us: the next rewrite puts it back
+        self._rewriter = Rewriter(self)
         self._sync_due = self._cleanup_due = 0.0
         self._work_due = math.inf
         """Monotonic time from which a write does the overdue periodic work itself."""
         self._due = -math.inf
         """Monotonic time until which a write may take the fast path: `_work_due`, or -inf while only the
         general path may write (closed, failed, forked, a closed gate, shared mode, sync="always")."""
-        self._shrinks = 0
-        self._base_size = 0
-        self._shrink_retry_at = 0.0
-        self._shrink_backoff = _SHRINK_RETRY_FIRST
         self._closing = False
         self._cleanup_max_hold = 0.0  # longest cleanup step on the loop, for tests and benchmarks
         self._cleanup_batches = 0
@@ -299,7 +240,7 @@ class DB:
             self._check_process()
             self._users += 1
             return
-        gate = self._transition = _Gate()
+        gate = self._transition = Gate()
         try:
             started = time.perf_counter()
             self._fork_gen = _fork_generation
@@ -315,11 +256,10 @@ class DB:
                     None if link is None else link.options()))
                 self._link = link
             self._index = Index(replayed, self._clock())
-            self._base_size = live_size(self._index.data)
+            self._rewriter.reset(live_size(self._index.data))
             self._log = log
             self._salt = 0 if log is None else log.salt
-            self._failed, self._closing, self._shrinks, self._restore = None, False, 0, False
-            self._shrink_retry_at, self._shrink_backoff = 0.0, _SHRINK_RETRY_FIRST
+            self._failed, self._closing = None, False
             self._open = True
             self._users = 1
             self._solo, self._busy = _get_ident(), False
@@ -355,7 +295,7 @@ class DB:
             self._users -= 1
             if self._users:
                 return
-            gate = self._transition = _Gate()
+            gate = self._transition = Gate()
             try:
                 await self._release()
             finally:
@@ -378,14 +318,13 @@ class DB:
     async def _release(self) -> None:
         self._closing = True  # a rewrite in progress gives up at its next step
         await self._stop_host()
-        while (rewriting := self._rewriting) is not None:
-            await rewriting.wait(lambda: self._rewriting is rewriting)
+        await self._rewriter.wait()
         while (gate := self._gate) is not None:
             await gate.wait(lambda: self._gate is gate)
         log = self._log
-        self._check_unlinked()
-        if log is not None and self._restore and self._failed is None:
-            await self._rewrite(explicit=False)  # the file was deleted under us: put it back before closing
+        self._rewriter.check_unlinked()
+        if log is not None and self._rewriter.restore and self._failed is None:
+            await self._rewriter.run(explicit=False)  # the file was deleted under us: put it back before closing
         self._open = False
         self._log, self._link = None, None
         _open_dbs.discard(self)
@@ -414,14 +353,14 @@ class DB:
         except RuntimeError:
             loop = None
         if loop is not None:
-            host = _Host(loop.call_soon_threadsafe)
+            host = Host(loop.call_soon_threadsafe)
             host.loop = loop
             task = loop.create_task(self._host_main(host), name=f"buntsession background {self.path}")
             self._host_task: object = task  # the loop keeps only a weak reference to its tasks
         else:
             import trio  # noqa: PLC0415  (only under trio, which is then installed)
 
-            host = _Host(trio.lowlevel.current_trio_token().run_sync_soon)
+            host = Host(trio.lowlevel.current_trio_token().run_sync_soon)
             trio.lowlevel.spawn_system_task(self._host_main, host, name=f"buntsession background {self.path}")
         self._host = host
 
@@ -433,7 +372,7 @@ class DB:
         if host.done is not None and _get_ident() == host.thread:
             await host.done.wait()
 
-    async def _host_main(self, host: _Host) -> None:
+    async def _host_main(self, host: Host) -> None:
         if host.stopped:
             return  # closed before this task first ran
         host.done = anyio.Event()
@@ -473,22 +412,22 @@ class DB:
                     self._cleanup_due = now + min(self.cleanup_interval, _SYNC_INTERVAL)
                     self._schedule()
                     await self._drop_expired()
-                    self._check_unlinked()
-                    if self._shrink_due():
-                        self._rewriting_soon = True
+                    self._rewriter.check_unlinked()
+                    if self._rewriter.due():
+                        self._rewriter.soon = True
                         tg.start_soon(self._autoshrink)
             except Exception:
                 logger.exception("background work on %s failed", self._abspath)
 
     async def _autoshrink(self) -> None:
         try:
-            await self._rewrite(explicit=False)
+            await self._rewriter.run(explicit=False)
         except StoreError:
             pass  # closed or failed meanwhile: the next call says so
         except Exception:
             logger.exception("autoshrink of %s failed", self._abspath)
         finally:
-            self._rewriting_soon = False
+            self._rewriter.soon = False
 
     def _schedule(self) -> None:
         """When a write must do the periodic work itself (when it is due, or a little later while a host
@@ -510,7 +449,7 @@ class DB:
         now = _monotonic()
         if self.sync_policy == "everysec" and now >= self._sync_due:
             host = self._host
-            if host is not None and host.tg is not None and not host.stopped and host.loop is _running_loop():
+            if host is not None and host.tg is not None and not host.stopped and host.loop is running_loop():
                 # A host that is alive but has not had the loop (writes that never yield): hand it the fsync
                 # as a task, so this write does not wait for it; it runs as soon as the loop is free.
                 self._sync_due = now + _SYNC_INTERVAL
@@ -520,9 +459,9 @@ class DB:
         if now >= self._cleanup_due:
             self._cleanup_due = now + min(self.cleanup_interval, _SYNC_INTERVAL)
             self._drop_expired_step()
-            self._check_unlinked()
-            if self._host is None and self._shrink_due():
-                await self._rewrite(explicit=False)
+            self._rewriter.check_unlinked()
+            if self._host is None and self._rewriter.due():
+                await self._rewriter.run(explicit=False)
         self._schedule()
 
     async def _everysec_sync(self) -> None:
@@ -603,13 +542,13 @@ class DB:
         if self._link is not None:
             await self._link.refresh()
         keys = list(self._index.data)
-        for start in range(0, len(keys), _SNAPSHOT_CHUNK):
+        for start in range(0, len(keys), SNAPSHOT_CHUNK):
             await anyio.lowlevel.checkpoint()
             if not self._open:
                 self._raise_unusable()
             now = self._clock()
             data = self._index.data
-            for key in keys[start : start + _SNAPSHOT_CHUNK]:
+            for key in keys[start : start + SNAPSHOT_CHUNK]:
                 if key.startswith(prefix):
                     entry = data.get(key)
                     if entry is not None and (entry[1] is None or entry[1] > now):
@@ -635,7 +574,7 @@ class DB:
             expired=expired,
             file_size=log.end if log else 0,
             fsyncs=log.fsyncs if log else 0,
-            shrinks=self._shrinks,
+            shrinks=self._rewriter.shrinks,
         )
 
     # -- writes ----------------------------------------------------------------------------------------------
@@ -656,16 +595,16 @@ class DB:
             try:
                 kb = key.encode()
             except UnicodeEncodeError:
-                kb = _key_bytes(key)  # raises
+                kb = key_bytes(key)  # raises
             if not 0 < len(kb) <= _MAX_KEY:
-                kb = _key_bytes(key)  # raises
+                kb = key_bytes(key)  # raises
         else:
-            kb = _key_bytes(key)
+            kb = key_bytes(key)
         if type(value) is not bytes or len(value) > _MAX_VALUE:
-            value = _value_bytes(value)
+            value = value_bytes(value)
         if ttl is None:
             if expire_at is not None:
-                expire_at = _unix_time(expire_at)
+                expire_at = unix_time(expire_at)
         elif expire_at is not None:
             raise TypeError("give ttl or expire_at, not both")
         elif (type(ttl) is float or type(ttl) is int) and 0.0 < ttl < _FAST_TTL_LIMIT:
@@ -723,11 +662,11 @@ class DB:
             try:
                 kb = key.encode()
             except UnicodeEncodeError:
-                kb = _key_bytes(key)  # raises
+                kb = key_bytes(key)  # raises
             if not 0 < len(kb) <= _MAX_KEY:
-                kb = _key_bytes(key)  # raises
+                kb = key_bytes(key)  # raises
         else:
-            kb = _key_bytes(key)
+            kb = key_bytes(key)
         me = _get_ident()
         if me != self._solo or _monotonic() >= self._due:  # as in `set`
             return await self._write(key, partial(self._plan_update, kb, change))
@@ -750,9 +689,9 @@ class DB:
                     return False
                 value, expire_at = new
                 if type(value) is not bytes or len(value) > _MAX_VALUE:
-                    value = _value_bytes(value)
+                    value = value_bytes(value)
                 if expire_at is not None and not (type(expire_at) is float and -_INF < expire_at < _INF):
-                    expire_at = _unix_time(expire_at)
+                    expire_at = unix_time(expire_at)
                 record = _encode(_SET, kb, value, expire_at, self._salt)
                 if log is not None:
                     try:
@@ -782,21 +721,21 @@ class DB:
         # file would no longer open.
         value, expire_at = new
         if type(value) is not bytes or len(value) > _MAX_VALUE:
-            value = _value_bytes(value)
+            value = value_bytes(value)
         if expire_at is not None:
-            expire_at = _unix_time(expire_at)
+            expire_at = unix_time(expire_at)
         return _encode(_SET, kb, value, expire_at, self._salt), (value, expire_at)
 
     async def expire(self, key: str, ttl: float | None, *, expire_at: float | None = None) -> bool:
         """Change only the expiry of `key`: `ttl` seconds from now, or the unix time `expire_at`, or (both
         None) no expiry. False, writing nothing, when the key is absent."""
-        kb = _key_bytes(key)
+        kb = key_bytes(key)
         if ttl is not None:
             if expire_at is not None:
                 raise TypeError("give ttl or expire_at, not both")
             expire_at = self._expire_at(ttl)
         elif expire_at is not None:
-            expire_at = _unix_time(expire_at)
+            expire_at = unix_time(expire_at)
 
         def plan(entry: Entry | None) -> tuple[bytes, Entry | None] | None:
             if entry is None:
@@ -807,7 +746,7 @@ class DB:
 
     async def delete(self, key: str) -> bool:
         """Remove `key`. True if it existed; an expired key does not, and nothing is written for it."""
-        kb = _key_bytes(key)
+        kb = key_bytes(key)
         return await self._write(key, lambda entry: None if entry is None else
                                  (fmt.encode_record(fmt.DEL, kb, b"", None, self._salt), None))
 
@@ -874,7 +813,7 @@ class DB:
         taken on the event loop in bounded steps. Writes go on meanwhile and are kept. A shrink already in
         progress is waited for. StoreError when the rewrite fails (the old file is kept)."""
         self._writable()
-        await self._rewrite(explicit=True)
+        await self._rewriter.run(explicit=True)
 
     # -- internals: the write path ---------------------------------------------------------------------------
 
@@ -911,7 +850,7 @@ class DB:
         try:
             log.append(record)
         except AppendFailed as exc:
-            self._gate = _Gate()
+            self._gate = Gate()
             self._due = -math.inf
             return exc
         return None
@@ -919,7 +858,7 @@ class DB:
     def _append_failed(self, log: AppendLog, record: bytes, result: int | OSError) -> AppendFailed:
         """A fast-path append that failed (`result`: what the write call returned or raised): close the gate
         as `_append` does, and return the failure for `_recover_append`."""
-        self._gate = _Gate()
+        self._gate = Gate()
         self._due = -math.inf
         return log.failure(record, result)
 
@@ -950,7 +889,7 @@ class DB:
 
     def _check_read(self, key: object) -> None:
         """Raise for a bad key or a DB that cannot serve reads."""
-        _check_key(key)
+        check_key(key)
         if not self._open or self._fork_gen != _fork_generation:
             self._raise_unusable()
 
@@ -998,7 +937,7 @@ class DB:
                          self._abspath, exc)
 
     def _expire_at(self, ttl: object) -> float:
-        return self._clock() + _seconds(ttl, "ttl")
+        return self._clock() + seconds(ttl, "ttl")
 
     def _forget(self, key: str, entry: Entry) -> None:
         """Drop an expired entry a reader found (on the loop: no write is in a step right now)."""
@@ -1027,236 +966,11 @@ class DB:
         while self._drop_expired_step() and not self._closing:
             await anyio.lowlevel.checkpoint()
 
-    # -- internals: rewriting --------------------------------------------------------------------------------
-
-    def _check_unlinked(self) -> None:
-        """Notice a data file deleted under us (one fstat): say it loudly and have the next rewrite put the
-        live set back at the path. Shared mode cannot restore it (the others hold the deleted file)."""
-        log = self._log
-        if log is None or self._restore or self._failed is not None:
-            return
-        try:
-            gone = log.unlinked()
-        except OSError:
-            return
-        if not gone:
-            return
-        if self._link is not None:
-            logger.error("%s: the shared data file was deleted while in use; writes go to a deleted file", log.path)
-            self._fail(OSError(f"{log.path} was deleted while in use"), "the data file")
-            return
-        logger.error("%s: the data file was deleted while the DB was open; writing the %d live keys back to it",
-                     log.path, len(self._index.data))
-        self._restore = True
-        self._shrink_retry_at = 0.0
-
-    def _shrink_due(self) -> bool:
-        log = self._log
-        if log is None or self._failed is not None or self._rewriting is not None or self._rewriting_soon:
-            return False
-        if self._restore:
-            return True
-        if not self.autoshrink:
-            return False
-        base = self._base_size
-        return (
-            log.end > self.autoshrink_min_size
-            and log.end > base + base * self.autoshrink_percentage // 100
-            and _monotonic() >= self._shrink_retry_at
-        )
-
-    async def _rewrite(self, explicit: bool) -> None:
-        """Rewrite the file to the live set (see AppendLog.rewrite_begin for the phases)."""
-        while (running := self._rewriting) is not None:
-            if not explicit:
-                return
-            await running.wait(lambda: self._rewriting is running)
-        log = self._writable()
-        if log is None:
-            return
-        if not explicit and self._closing and not self._restore:
-            return
-        rewriting = self._rewriting = _Gate()
-        try:
-            await self._rewrite_steps(log, explicit)
-        finally:
-            self._rewriting = None
-            rewriting.event.set()
-
-    async def _rewrite_steps(self, log: AppendLog, explicit: bool) -> None:
-        restore = self._restore and self._link is None
-        if not restore:
-            self._check_unlinked()
-            restore = self._restore and self._link is None
-        link = self._link
-        # The snapshot: the keys now, and the file's end now (no await in between). Each entry is read at
-        # some later step; the tail copy then brings every record written since, so a key's last record
-        # in the new file is its latest state either way.
-        start, generation = log.end, log.generation
-        keys = list(self._index.data)
-        before = log.end
-        started = time.perf_counter()
-        rw: Rewrite | None = None
-        try:
-            rw = await anyio.to_thread.run_sync(log.rewrite_begin, start, restore, generation)
-            buffer: list[bytes] = []
-            pending = 0
-            encode, salt = fmt.encode_record, log.salt
-            for first in range(0, len(keys), _SNAPSHOT_CHUNK):
-                if self._closing and not restore:
-                    raise _Aborted
-                data, now = self._index.data, self._clock()
-                for key in keys[first : first + _SNAPSHOT_CHUNK]:
-                    entry = data.get(key)
-                    if entry is not None and (entry[1] is None or entry[1] > now):
-                        record = encode(fmt.SET, key.encode(), entry[0], entry[1], salt)
-                        buffer.append(record)
-                        pending += len(record)
-                if pending >= _SNAPSHOT_WRITE:
-                    await anyio.to_thread.run_sync(log.rewrite_write, rw, b"".join(buffer))
-                    buffer, pending = [], 0
-                else:
-                    await anyio.lowlevel.checkpoint()
-            if buffer:
-                await anyio.to_thread.run_sync(log.rewrite_write, rw, b"".join(buffer))
-            await anyio.to_thread.run_sync(log.rewrite_tail, rw)
-            if self._closing and not restore:
-                raise _Aborted
-            # The final phase: this DB's writers wait at the gate (and, shared, the others at the append lock).
-            # Closed under the guard, so that no other thread's write step is in progress past it.
-            self._take_guard()
-            try:
-                gate = self._gate = _Gate()
-                self._due = -math.inf
-            finally:
-                self._guard.release()
-            try:
-                with anyio.CancelScope(shield=True):
-                    if link is not None:
-                        size, others = await anyio.to_thread.run_sync(link.finish_rewrite, rw)
-                        link.apply_copied(others)
-                    else:
-                        size = await anyio.to_thread.run_sync(log.rewrite_finish, rw)
-            finally:
-                self._gate = None
-                self._schedule()
-                gate.event.set()
-        except (_Aborted, Superseded):
-            if rw is not None:
-                await anyio.to_thread.run_sync(log.rewrite_abort, rw)
-            return  # closing, or another sharer rewrote the file first (the next call reloads it)
-        except OSError as exc:
-            if rw is not None:
-                await anyio.to_thread.run_sync(log.rewrite_abort, rw)
-            if log.failed is not None:
-                self._fail(exc, "directory fsync after a rewrite")
-            self._shrink_retry_at = _monotonic() + self._shrink_backoff
-            self._shrink_backoff = min(self._shrink_backoff * 2, _SHRINK_RETRY_MAX)
-            logger.error("rewrite of %s failed: %s; the old file is kept", self._abspath, exc)
-            if explicit:
-                raise StoreError(f"{self._abspath}: rewrite failed: {exc}") from exc
-            return
-        except BaseException:
-            if rw is not None:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(log.rewrite_abort, rw)
-            raise
-        if restore:
-            self._restore = False
-            logger.warning("%s: the live set is back on disk (%d bytes)", self._abspath, size)
-        self._shrinks += 1
-        self._base_size = size
-        self._shrink_backoff = _SHRINK_RETRY_FIRST
-        logger.info("shrank %s from %d to %d bytes in %.3f s", self._abspath, before, size,
-                    time.perf_counter() - started)
-
     def _check_process(self) -> None:
         if self._fork_gen != _fork_generation:
             raise FileLockedError(self._abspath, "this DB was opened by the parent of this forked process")
 
 
-class _Aborted(Exception):
-    """A rewrite gave up because the DB is closing."""
-
-
 def _planned(record: bytes, entry: Entry, _: Entry | None) -> tuple[bytes, Entry]:
     """A `_write` plan that writes `record` and installs `entry` whatever the key holds (`set`)."""
     return record, entry
-
-
-# -- argument checks -----------------------------------------------------------------------------------------
-
-
-def _check_key(key: object) -> None:
-    if not isinstance(key, str):
-        raise TypeError(f"keys are str, not {type(key).__name__}")
-    if not key:
-        raise ValueError("keys must not be empty")
-
-
-def _key_bytes(key: object) -> bytes:
-    _check_key(key)
-    assert isinstance(key, str)
-    try:
-        kb = key.encode()
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"key {_show(key)} is not valid Unicode") from exc
-    if len(kb) > fmt.MAX_KEY_SIZE:
-        raise ValueError(f"key of {len(kb)} bytes is over the limit of {fmt.MAX_KEY_SIZE}")
-    return kb
-
-
-def _value_bytes(value: object) -> bytes:
-    """`value` as bytes: anything with the buffer protocol (bytes, bytearray, memoryview, array.array...),
-    its raw bytes in memory order. TypeError for anything else (a str included); ValueError over the cap."""
-    if type(value) is bytes:
-        data = value
-    else:
-        try:
-            view = memoryview(value)  # type: ignore[arg-type]  # any buffer: checked by the call
-        except TypeError:
-            raise TypeError(f"values are bytes-like, not {type(value).__name__}") from None
-        with view:
-            if view.nbytes > fmt.MAX_VALUE_SIZE:
-                raise ValueError(f"value of {view.nbytes} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
-            data = view.tobytes()
-    if len(data) > fmt.MAX_VALUE_SIZE:
-        raise ValueError(f"value of {len(data)} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
-    return data
-
-
-def _show(value: object) -> str:
-    """`repr(value)` cut short: an error message never spells out a number of 400 digits."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
-        return f"{'-' if value < 0 else ''}an int of {len(str(abs(value)))} digits"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _seconds(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} {_show(value)} is too large") from None
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{name} must be positive and finite, not {_show(value)}")
-    return seconds
-
-
-def _unix_time(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expire_at must be a unix time in seconds, not {type(value).__name__}")
-    try:
-        at = float(value)
-    except OverflowError:
-        at = math.inf
-    if not math.isfinite(at):
-        raise ValueError(f"expire_at must be finite, not {_show(value)}")
-    return at
-
-
-def _require_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, not {_show(value)}")
