@@ -279,18 +279,17 @@ class AppendLog:
         return not _same_file(self._ops.fstat(self.fd), self.path, self._ops)
 
     def look(self) -> int | None:
-        """For a sharer: None when the path no longer names our file (a sharer's rewrite replaced it, or it
-        was deleted); else the bytes the file has past our end (0: none). One fstat: a file with exactly one
-        name has not been replaced (a rename over the path takes the old file's only name); only a file
-        with no name or several is checked against the path too."""
-        st = self._ops.fstat(self.fd)
-        if st.st_nlink != 1:
-            try:
-                named = self._ops.stat(self.path)
-            except FileNotFoundError:
-                return None
-            if named.st_ino != self.inode or named.st_dev != self.dev:
-                return None
+        """For a sharer: one stat of the path. None when the path no longer names our file (a sharer's
+        rewrite replaced it, or it was deleted); else the bytes the file has past our end (0: none).
+
+        (Not an fstat of our descriptor and its link count: a file with a second name, a hard-link backup,
+        keeps a name after a rewrite replaced it at the path.)"""
+        try:
+            st = self._ops.stat(self.path)
+        except FileNotFoundError:
+            return None
+        if st.st_ino != self.inode or st.st_dev != self.dev:
+            return None
         return st.st_size - self.end
 
     def apply_appended(self, size: int, apply: fmt.Apply, holding_append_lock: bool) -> int | None:

@@ -3,7 +3,7 @@
 Each process keeps the whole live set in memory, as a single owner does. They take turns to append:
 a write takes the sharers' append lock (a lock file beside the data file, held only for the append),
 first catches up on the records the others appended, then appends its own. A read first checks, with
-one fstat (`AppendLog.look`), whether the file grew or was replaced, and if so catches up (or reloads the
+one stat of the path (`AppendLog.look`), whether the file grew or was replaced, and if so catches up (or reloads the
 rewritten file).
 A rewrite is done by whichever process decides to, under the append lock; the others notice the new file
 and reload it. Every sharer must open the file with the same options.
@@ -78,7 +78,7 @@ class SharedLink:
     # -- reads ------------------------------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Catch up with the file before a read: one fstat when nothing changed."""
+        """Catch up with the file before a read: one stat when nothing changed."""
         db = self._db
         # A rewrite of ours swapping files first: its end already counts the others' records it took in,
         # which reach the index only when the swap is done, so `look()` cannot be trusted until then.
@@ -139,7 +139,7 @@ class SharedLink:
 
     def lock_and_catch_up(self) -> bool | None:
         """In the write's synchronous step (the DB's guard held): take the sharers' append lock and apply
-        what the others appended since (one fstat, and one pread when they did). True: locked and caught up.
+        what the others appended since (one stat, and one pread when they did). True: locked and caught up.
         False, holding nothing, when the write must start over (after `ready_to_append`); None, holding
         nothing, when another process kept the append lock (the write starts over after `wait_turn`)."""
         db = self._db
