@@ -309,7 +309,8 @@ async def test_no_write_path_stores_a_value_it_could_not_read_back(db_path: str)
 
 
 @pytest.mark.parametrize("sync", ["never", "always"])
-async def test_update_edges_on_the_fast_and_the_general_path(db_path: str, sync: str) -> None:
+async def test_update_edges_on_the_fast_and_the_general_path(db_path: str, sync: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """`update` has a fast path (one thread, nothing due: `sync="never"` here) and the general one (`"always"`,
     shared mode, another thread...): both give every edge the same answer."""
     import math
@@ -318,15 +319,15 @@ async def test_update_edges_on_the_fast_and_the_general_path(db_path: str, sync:
     db = DB(db_path, sync=sync)  # type: ignore[arg-type]
     db._clock = clock
     general_calls = 0
+    general = DB._write
+
+    async def counting_write(self: DB, *args: object) -> bool:
+        nonlocal general_calls
+        general_calls += 1
+        return await general(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DB, "_write", counting_write)
     async with db:
-        general = db._write
-
-        async def counting_write(*args: object) -> bool:
-            nonlocal general_calls
-            general_calls += 1
-            return await general(*args)  # type: ignore[arg-type]
-
-        db._write = counting_write  # type: ignore[method-assign]
         seen: list[bytes | None] = []
 
         def record_and(result: tuple[object, object] | None) -> object:
@@ -371,7 +372,6 @@ async def test_update_edges_on_the_fast_and_the_general_path(db_path: str, sync:
         assert await db.get("k") == b"v3"
         clock.advance(61)
         assert await db.get("k") is None
-        db._write = general  # type: ignore[method-assign]
     # Which path ran: none of the updates above went the general way on the fast path's DB.
     assert (general_calls == 0) if sync == "never" else (general_calls >= 10)
     async with DB(db_path) as db:
