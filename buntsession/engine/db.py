@@ -150,8 +150,9 @@ class DB:
     """
 
     # Slots: a DB has more attributes than CPython 3.11 keeps in an instance's shared-key values (30), and
-    # attribute reads on the hot paths are faster from slots than from a dict.
-    __slots__ = ("__weakref__", "_abspath", "_always", "_busy", "_cleanup_batches", "_cleanup_due",
+    # attribute reads on the hot paths are faster from slots than from a dict. A `__dict__` too, so that
+    # code (tests, most often) may still set attributes of its own on a DB or patch a method of one.
+    __slots__ = ("__dict__", "__weakref__", "_abspath", "_always", "_busy", "_cleanup_batches", "_cleanup_due",
         "_cleanup_max_hold", "_clock", "_closing", "_due", "_failed", "_fileops", "_fork_gen", "_gate", "_guard",
         "_host", "_host_task", "_index", "_link", "_log", "_memory", "_open", "_record_sync_times", "_rewriter",
         "_salt", "_solo", "_sync_batch", "_sync_due", "_sync_gaps", "_syncing", "_transition", "_users", "_work_due",
