@@ -81,12 +81,11 @@ end
 async def create_sessions(path: str, count: int) -> list[str]:
     """Sessions as the middleware writes them, straight into the file; returns their signed cookies."""
     from buntsession import DB, BuntStore
-    from buntsession.codec import Meta, encode_record, encode_value
-    from buntsession.middleware import _signer
+    from buntsession.codec import Meta, encode_record
     from buntsession.session import new_token, store_key
+    from buntsession.signing import CookieSigner
 
-    signer = _signer("load")
-    assert signer is not None
+    signer = CookieSigner("load")
     cookies = []
     now = time.time()
     async with DB(path, sync="never") as db:
@@ -94,8 +93,8 @@ async def create_sessions(path: str, count: int) -> list[str]:
         for _ in range(count):
             token = new_token()
             meta = Meta(created=now, end=now + 14 * 24 * 3600)
-            await store.commit(store_key(token), encode_record(meta, {"n": encode_value(0)}), meta.end)
-            cookies.append(signer.sign(token).decode())
+            await store.commit(store_key(token), encode_record(meta, {"n": 0}), meta.end)
+            cookies.append(signer.sign(token))
     return cookies
 
 
@@ -118,7 +117,7 @@ async def mass_expiry(count: int) -> None:
     from starlette.routing import Route
 
     from buntsession import DB, BuntStore, SessionMiddleware
-    from buntsession.codec import Meta, encode_record, encode_value
+    from buntsession.codec import Meta, encode_record
     from buntsession.session import new_token, store_key
 
     async def read(request: object) -> PlainTextResponse:
@@ -134,10 +133,10 @@ async def mass_expiry(count: int) -> None:
             expires = now + 8 + count / 50_000  # after the writes below are done
             for _ in range(count):
                 meta = Meta(created=now, end=expires + (_ % 1000) / 1000)
-                await store.commit(store_key(new_token()), encode_record(meta, {"n": encode_value(1)}), meta.end)
+                await store.commit(store_key(new_token()), encode_record(meta, {"n": 1}), meta.end)
             probe = new_token()
             meta = Meta(created=now, end=now + 3600)
-            await store.commit(store_key(probe), encode_record(meta, {"n": encode_value(7)}), meta.end)
+            await store.commit(store_key(probe), encode_record(meta, {"n": 7}), meta.end)
             scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
                      "scheme": "http", "path": "/read", "raw_path": b"/read", "query_string": b"", "root_path": "",
                      "headers": [(b"cookie", b"session=" + probe.encode())], "server": ("b", 80)}

@@ -2,7 +2,8 @@
 
 Like Starlette's suite does with `blockbuster`, this watches the calls that block: fsync, fdatasync,
 ftruncate, rename, replace, unlink, open and sleep, and every write, failing when one runs in a thread
-that is running an event loop. The one call allowed is the engine's append: one `write` of a record.
+that is running an event loop. The one call allowed is the engine's append: one `write` of a record, by
+`AppendLog.append` or by the fast paths of `DB.set` and `DB.update`, which inline it.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def on_event_loop() -> bool:
 @contextmanager
 def no_blocking_on_loop() -> Iterator[list[str]]:
     violations: list[str] = []
-    append_code = log.AppendLog.append.__code__
+    append_codes = {log.AppendLog.append.__code__, DB.set.__code__, DB.update.__code__}
 
     def guard(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def watched(*args: Any, **kwargs: Any) -> Any:
             if on_event_loop():
                 caller = sys._getframe(1)
-                allowed = name == "write" and caller.f_code is append_code
+                allowed = name == "write" and caller.f_code in append_codes
                 if not allowed:
                     violations.append(f"{name} from {caller.f_code.co_filename}:{caller.f_lineno}")
             return real(*args, **kwargs)

@@ -306,3 +306,76 @@ async def test_no_write_path_stores_a_value_it_could_not_read_back(db_path: str)
         assert await db.get("k") is None
     async with DB(db_path) as db:  # the file still opens, with what was written
         assert await contents(db) == {"small": b"kept"}
+
+
+@pytest.mark.parametrize("sync", ["never", "always"])
+async def test_update_edges_on_the_fast_and_the_general_path(db_path: str, sync: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`update` has a fast path (one thread, nothing due: `sync="never"` here) and the general one (`"always"`,
+    shared mode, another thread...): both give every edge the same answer."""
+    import math
+
+    clock = FakeClock()
+    db = DB(db_path, sync=sync)  # type: ignore[arg-type]
+    db._clock = clock
+    general_calls = 0
+    general = DB._write
+
+    async def counting_write(self: DB, *args: object) -> bool:
+        nonlocal general_calls
+        general_calls += 1
+        return await general(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DB, "_write", counting_write)
+    async with db:
+        seen: list[bytes | None] = []
+
+        def record_and(result: tuple[object, object] | None) -> object:
+            def change(old: bytes | None) -> object:
+                seen.append(old)
+                return result
+            return change
+
+        # An absent key: change sees None; returning None writes nothing.
+        size = db.stats().file_size
+        assert await db.update("k", record_and(None)) is False  # type: ignore[arg-type]
+        assert seen == [None] and db.stats().file_size == size and await db.get("k") is None
+        # A value and an absolute expiry (an int is a number of seconds too); a memoryview comes back as bytes.
+        assert await db.update("k", record_and((memoryview(b"v1"), int(clock.now) + 10))) is True  # type: ignore[arg-type]
+        assert await db.get("k") == b"v1" and type(await db.get("k")) is bytes
+        assert await db.ttl("k") == pytest.approx(10)
+        assert await db.update("k", record_and((b"v2", None))) is True  # type: ignore[arg-type]
+        assert seen[-1] == b"v1" and await db.ttl("k") is None
+        # An expired key is absent to change.
+        await db.set("old", b"stale", ttl=5)
+        clock.advance(6)
+        assert await db.update("old", record_and(None)) is False  # type: ignore[arg-type]
+        assert seen[-1] is None
+        # Errors: from change, a value over the cap or not bytes-like, an expiry that is no finite number.
+        size = db.stats().file_size
+
+        def boom(old: bytes | None) -> tuple[bytes, float | None]:
+            raise RuntimeError("no")
+
+        from buntsession.engine import format as fmt
+
+        with pytest.raises(RuntimeError):
+            await db.update("k", boom)
+        for bad, error in [((b"x" * (fmt.MAX_VALUE_SIZE + 1), None), ValueError), (("text", None), TypeError),
+                           ((b"v", math.nan), ValueError), ((b"v", math.inf), ValueError),
+                           ((b"v", True), TypeError), ((b"v", "soon"), TypeError)]:
+            with pytest.raises(error):
+                await db.update("k", record_and(bad))  # type: ignore[arg-type]
+        assert db.stats().file_size == size and await db.get("k") == b"v2"
+        # Nothing was left half done: the next write takes its step as usual.
+        assert await db.update("k", record_and((b"v3", clock.now + 60))) is True  # type: ignore[arg-type]
+        assert await db.get("k") == b"v3"
+        clock.advance(61)
+        assert await db.get("k") is None
+    # Which path ran: none of the updates above went the general way on the fast path's DB.
+    assert (general_calls == 0) if sync == "never" else (general_calls >= 10)
+    async with DB(db_path) as db:
+        db._clock = clock
+        assert await contents(db) == {}
+    with pytest.raises(StoreError, match="closed"):
+        await db.update("k", lambda old: (b"v", None))

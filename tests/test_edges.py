@@ -189,6 +189,54 @@ def test_one_db_used_from_two_event_loops_at_once_under_always(db_path: str) -> 
     assert read_state(db_path) == expected
 
 
+@pytest.mark.parametrize("sync", ["everysec", "never"])
+def test_a_second_thread_while_the_opening_thread_writes_on_its_fast_path(db_path: str, sync: str) -> None:
+    """The thread that opened a DB writes without taking the guard (its fast path); a second thread that
+    writes meanwhile ends that (waiting for a fast step in progress), and no increment is lost. Every step
+    here releases the GIL in its write call, so a second thread that did not wait would interleave often."""
+    import threading
+
+    rounds = 3000
+    started = threading.Event()
+    errors: list[BaseException] = []
+    db = DB(db_path, sync=sync)  # type: ignore[arg-type]
+
+    def incr(old: bytes | None) -> tuple[bytes, float | None]:
+        return str(int(old or b"0") + 1).encode(), None
+
+    def second() -> None:
+        async def main() -> None:
+            started.wait(10)
+            for i in range(rounds):
+                await db.update("n", incr)
+                await db.set(f"b:{i % 20}", b"b")
+
+        try:
+            anyio.run(main, backend="trio")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    async def opener() -> dict[str, bytes]:
+        async with db:
+            assert db._solo == threading.get_ident()
+            thread = threading.Thread(target=second)
+            thread.start()
+            started.set()
+            for i in range(rounds):
+                await db.update("n", incr)
+                await db.set(f"a:{i % 20}", b"a")
+            await anyio.to_thread.run_sync(thread.join, 60)
+            assert not thread.is_alive(), "the second thread hung"
+            assert db._solo == 0  # the second thread ended the opener's fast path
+            return await contents(db)
+
+    state = anyio.run(opener)
+    assert errors == []
+    assert state["n"] == str(2 * rounds).encode()
+    assert len(state) == 41
+    assert read_state(db_path) == state
+
+
 def _embedding_file(path: str, torn: bool) -> tuple[bytes, int]:
     """A file whose record's value holds the bytes of a whole record (framed as anyone could frame one,
     without this file's salt), with that record's header zeroed: damage (or, last in the file, a torn tail)

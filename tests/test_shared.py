@@ -209,3 +209,56 @@ def test_sharers_on_threads_never_read_older_than_acknowledged_through_rewrites(
     assert errors == [] and stale == []
     final = anyio.run(state_of, db_path)
     assert all(int(final[key].rstrip(b".")) >= n for key, n in acked.items())
+
+
+async def test_a_sharer_with_a_hard_linked_file_still_sees_it_replaced(db_path: str) -> None:
+    """A hard link to the data file (a backup made with `ln`) keeps a name on the old file after a sharer's
+    rewrite replaced it at the path: the other sharer must still move to the new file, not go on writing
+    to the old one (it would write into the backup, and its writes would be lost)."""
+    async with DB(db_path, shared=True) as a, DB(db_path, shared=True) as b:
+        await a.set("before", b"1")
+        assert await b.get("before") == b"1"
+        os.link(db_path, db_path + ".backup")
+        await a.shrink()  # the path names a new file; the old one is left with one name: the backup's
+        assert os.stat(db_path + ".backup").st_nlink == 1
+        await b.set("after", b"2")
+        await b.update("before", lambda old: ((old or b"") + b"+", None))
+        assert await a.get("after") == b"2" and await a.get("before") == b"1+"
+    assert await state_of(db_path) == {"before": b"1+", "after": b"2"}
+
+
+async def test_a_write_waits_its_turn_while_another_process_holds_the_append_lock(db_path: str) -> None:
+    """The append lock held (as by another process, in the middle of its write): a write retries, lets
+    the loop's other tasks run, then backs off, and goes through once the lock is free; reads go on."""
+    import fcntl
+    import time
+
+    from buntsession.engine.log import LOCK_SUFFIX
+
+    async with DB(db_path, shared=True) as db:
+        await db.set("k", b"v")
+        fd = os.open(db_path + LOCK_SUFFIX, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            done = anyio.Event()
+
+            async def write() -> None:
+                await db.set("waited", b"yes")
+                done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write)
+                started = time.monotonic()
+                reads = 0
+                while time.monotonic() - started < 0.2:
+                    assert await db.get("k") == b"v"  # reads need no lock
+                    reads += 1
+                    await anyio.sleep(0.005)
+                assert not done.is_set() and reads >= 10
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                with anyio.fail_after(5):
+                    await done.wait()
+        finally:
+            os.close(fd)
+        assert await db.get("waited") == b"yes"
+    assert await state_of(db_path) == {"k": b"v", "waited": b"yes"}

@@ -151,7 +151,7 @@ async def test_failed_rewrite_keeps_the_old_file_and_the_db_writable(
         assert not os.path.exists(db_path + REWRITE_SUFFIX)
         ops.on_phase = None
         await db.set("after", b"ok")
-        assert db._shrink_retry_at > time.monotonic()  # autoshrink backs off after a failure
+        assert db._rewriter.retry_at > time.monotonic()  # autoshrink backs off after a failure
     assert len(await state_of(db_path)) == 21
     assert any("rewrite" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
 

@@ -1,5 +1,11 @@
 """`DB`: the in-memory index over the append-only file, expiry, and the background work as anyio tasks.
 
+The units it is made of: `index` (the keys, their expiry heap, what a record does to them), `log` (the
+data file: lock, load, append, fsync, the phases of a rewrite), `rewrite` (rewriting the file to the live
+set: shrink, autoshrink, restoring a deleted file), `shared` (shared mode's catching up with the other
+processes), `host` (the gates that hold writers, the task that hosts the background work), `args` (the
+argument checks) and `format` (the bytes of a file). This module holds the DB's state and its calls.
+
 Who runs what
 -------------
 
@@ -36,6 +42,16 @@ another. Two threads at once (two event loops using one DB concurrently) also wo
 steps take a lock that is never held across an `await` (so waiting for it is bounded by one step), a group
 commit waits only for an fsync led from its own thread, and a thread that finds another thread's rewrite
 in its final phase polls until it is done.
+
+The fast path
+-------------
+
+`set` and `update` take their step without that lock, as long as they run in the thread that opened the DB
+(the "solo" thread: an app's one event loop) and nothing sends them the general way (`_due`: periodic work
+due, a closed gate, shared mode, `sync="always"`, a closed or failed DB). A second thread that takes the
+lock ends the solo thread's lock-free steps for good, waiting for one in progress (`_take_guard`). The
+fast path does what `_write` does with the lock held, inlined: the same checks, one write call, the same
+index update.
 """
 
 from __future__ import annotations
@@ -59,8 +75,11 @@ import anyio.abc
 import anyio.lowlevel
 
 from buntsession.engine import format as fmt
+from buntsession.engine.args import check_key, key_bytes, require_int, seconds, unix_time, value_bytes
+from buntsession.engine.host import Gate, Host, running_loop
 from buntsession.engine.index import Entry, Index, apply_record, live_size
-from buntsession.engine.log import AppendFailed, AppendLog, FileOps, Rewrite, Superseded
+from buntsession.engine.log import AppendFailed, AppendLog, FileOps
+from buntsession.engine.rewrite import SNAPSHOT_CHUNK, Rewriter
 from buntsession.engine.shared import SharedLink
 from buntsession.errors import FileLockedError, StoreError
 
@@ -73,14 +92,11 @@ MEMORY: Final = ":memory:"
 
 _CLEANUP_BATCH: Final = 500
 """Expired keys dropped per step on the event loop: well under a millisecond."""
-_SNAPSHOT_CHUNK: Final = 1000
-"""Keys encoded per step of a rewrite's snapshot on the event loop."""
-_SNAPSHOT_WRITE: Final = 1 << 20
-"""Bytes of encoded snapshot handed to a worker thread at once."""
-_FAST_KEY_CHARS: Final = fmt.MAX_KEY_SIZE  # an ASCII key this long encodes within the limit
-_FAST_TTL_LIMIT: Final = 1 << 52  # below it an int ttl converts to float exactly and the sum stays finite
-_SHRINK_RETRY_FIRST: Final = 60.0
-_SHRINK_RETRY_MAX: Final = 3600.0
+_FAST_TTL_LIMIT: Final = float(1 << 52)  # below it an int ttl converts to float exactly and the sum stays finite
+# (a float: comparing a float with an int this large takes CPython's slow path)
+_MAX_VALUE: Final = fmt.MAX_VALUE_SIZE
+_MAX_KEY: Final = fmt.MAX_KEY_SIZE
+_INF: Final = math.inf
 _SYNC_INTERVAL: Final = 1.0
 _HOST_SLACK: Final = 0.1
 """How late the host task may be with its periodic work before a call does it instead."""
@@ -88,6 +104,8 @@ _HOST_SLACK: Final = 0.1
 _monotonic = time.monotonic
 _heappush = heapq.heappush
 _get_ident = threading.get_ident
+_encode = fmt.encode_record
+_SET: Final = fmt.SET
 
 # A child process forked after open shares the parent's file and lock; it must not use them. Its copies
 # of the open DBs forget their keys, so every call (reads included) finds the fork and refuses.
@@ -101,6 +119,7 @@ def _after_fork_in_child() -> None:
     for db in list(_open_dbs):
         db._index = Index()
         db._guard = threading.Lock()  # it may have been held by a thread that did not survive the fork
+        db._solo, db._busy, db._due = 0, False, -math.inf
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -122,62 +141,6 @@ class Stats:
     """Rewrites of the data file since open."""
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop, or None (under trio)."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-class _Gate:
-    """Holds a DB's writers while something that must not interleave with appends runs (the end of a
-    rewrite, cutting a failed append, opening and closing). Made and opened on one event loop."""
-
-    __slots__ = ("event", "thread")
-
-    def __init__(self) -> None:
-        self.thread = _get_ident()
-        self.event = anyio.Event()
-
-    async def wait(self, still_closed: Callable[[], bool]) -> None:
-        if _get_ident() == self.thread:
-            await self.event.wait()
-        else:  # another thread's loop owns the event: poll (only when two threads use one DB at once)
-            while still_closed():  # noqa: ASYNC110
-                await anyio.sleep(0.001)
-
-
-class _Host:
-    """The detached task that hosts a DB's task group on one event loop (see the module docstring)."""
-
-    __slots__ = ("cancel_soon", "done", "loop", "scope", "stopped", "tg", "thread")
-
-    def __init__(self, cancel_soon: Callable[[Callable[[], object]], object]) -> None:
-        self.thread = _get_ident()
-        self.cancel_soon = cancel_soon
-        """Runs a callable on the host's loop, from any thread."""
-        self.scope: anyio.CancelScope | None = None
-        self.tg: anyio.abc.TaskGroup | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # asyncio: the host's loop
-        self.stopped = False
-        self.done: anyio.Event | None = None
-
-    def stop(self) -> None:
-        """Cancel the host's task group (from any thread)."""
-        self.stopped = True
-        scope = self.scope
-        if scope is None:
-            return
-        if _get_ident() == self.thread:
-            scope.cancel()
-        else:
-            try:
-                self.cancel_soon(scope.cancel)
-            except RuntimeError:
-                pass  # its loop has closed: nothing runs there any more
-
-
 class DB:
     """An embedded key/value store kept in one append-only file. See the package README for the contract.
 
@@ -185,6 +148,16 @@ class DB:
     number of seconds, or None for no expiry. Every method raises `StoreError` on a closed DB, and
     `FileLockedError` in a process forked after the DB was opened.
     """
+
+    # Slots: a DB has more attributes than CPython 3.11 keeps in an instance's shared-key values (30), and
+    # attribute reads on the hot paths are faster from slots than from a dict. A `__dict__` too, so that
+    # code (tests, most often) may still set attributes of its own on a DB or patch a method of one.
+    __slots__ = ("__dict__", "__weakref__", "_abspath", "_always", "_busy", "_cleanup_batches", "_cleanup_due",
+        "_cleanup_max_hold", "_clock", "_closing", "_due", "_failed", "_fileops", "_fork_gen", "_gate", "_guard",
+        "_host", "_host_task", "_index", "_link", "_log", "_memory", "_open", "_record_sync_times", "_rewriter",
+        "_salt", "_solo", "_sync_batch", "_sync_due", "_sync_gaps", "_syncing", "_transition", "_users", "_work_due",
+        "autoshrink", "autoshrink_min_size", "autoshrink_percentage", "cleanup_interval", "lock_timeout", "path",
+        "shared", "sync_policy")
 
     def __init__(
         self,
@@ -200,16 +173,16 @@ class DB:
     ) -> None:
         if sync not in get_args(SyncPolicy):
             raise ValueError(f"sync must be one of {get_args(SyncPolicy)}, not {sync!r}")
-        _require_int("autoshrink_percentage", autoshrink_percentage)
-        _require_int("autoshrink_min_size", autoshrink_min_size)
+        require_int("autoshrink_percentage", autoshrink_percentage)
+        require_int("autoshrink_min_size", autoshrink_min_size)
         self.path = os.fspath(path)
         self.sync_policy: SyncPolicy = sync
         self._always = sync == "always"
         self.autoshrink = bool(autoshrink)
         self.autoshrink_percentage = autoshrink_percentage
         self.autoshrink_min_size = autoshrink_min_size
-        self.cleanup_interval = _seconds(cleanup_interval, "cleanup_interval")
-        self.lock_timeout = 0.0 if lock_timeout == 0 else _seconds(lock_timeout, "lock_timeout")
+        self.cleanup_interval = seconds(cleanup_interval, "cleanup_interval")
+        self.lock_timeout = 0.0 if lock_timeout == 0 else seconds(lock_timeout, "lock_timeout")
         self._memory = self.path == MEMORY
         self.shared = bool(shared)
         if self.shared and self._memory:
@@ -223,28 +196,31 @@ class DB:
         self._users = 0
         self._fork_gen = _fork_generation
         self._open = False
-        self._transition: _Gate | None = None  # an open or a close in progress
+        self._transition: Gate | None = None  # an open or a close in progress
         self._log: AppendLog | None = None
         self._link: SharedLink | None = None  # shared mode: catching up with the other processes
         self._salt = 0  # the file's salt: every record this DB frames starts its checksums from it
         self._index = Index()
         self._guard = threading.Lock()
-        """Held by each synchronous write step, never across an await: only a second thread ever waits."""
-        self._gate: _Gate | None = None
+        """Held by each synchronous write step of the general path, never across an await: only a second
+        thread ever waits (see `_take_guard`)."""
+        self._solo = 0
+        """The thread whose fast-path steps skip the guard: the one that opened the DB, until another thread
+        takes the guard (then 0: every thread takes it). See `_take_guard`."""
+        self._busy = False
+        """True while the solo thread is in a fast-path step (set before it checks that it is still solo)."""
+        self._gate: Gate | None = None
         self._failed: BaseException | None = None
-        self._host: _Host | None = None
+        self._host: Host | None = None
         self._sync_batch: tuple[int, anyio.Event] | None = None  # a group-commit fsync in flight: thread, event
         self._syncing = False  # a background fsync in flight
-        self._rewriting: _Gate | None = None  # a rewrite in progress (its gate opens when it ends)
-        self._rewriting_soon = False  # an autoshrink task was started
-        self._restore = False  # the data file was deleted under us: the next rewrite puts it back
+        self._rewriter = Rewriter(self)
         self._sync_due = self._cleanup_due = 0.0
-        self._due = math.inf
+        self._work_due = math.inf
         """Monotonic time from which a write does the overdue periodic work itself."""
-        self._shrinks = 0
-        self._base_size = 0
-        self._shrink_retry_at = 0.0
-        self._shrink_backoff = _SHRINK_RETRY_FIRST
+        self._due = -math.inf
+        """Monotonic time until which a write may take the fast path: `_work_due`, or -inf while only the
+        general path may write (closed, failed, forked, a closed gate, shared mode, sync="always")."""
         self._closing = False
         self._cleanup_max_hold = 0.0  # longest cleanup step on the loop, for tests and benchmarks
         self._cleanup_batches = 0
@@ -274,7 +250,7 @@ class DB:
             self._check_process()
             self._users += 1
             return
-        gate = self._transition = _Gate()
+        gate = self._transition = Gate()
         try:
             started = time.perf_counter()
             self._fork_gen = _fork_generation
@@ -290,13 +266,13 @@ class DB:
                     None if link is None else link.options()))
                 self._link = link
             self._index = Index(replayed, self._clock())
-            self._base_size = live_size(self._index.data)
+            self._rewriter.reset(live_size(self._index.data))
             self._log = log
             self._salt = 0 if log is None else log.salt
-            self._failed, self._closing, self._shrinks, self._restore = None, False, 0, False
-            self._shrink_retry_at, self._shrink_backoff = 0.0, _SHRINK_RETRY_FIRST
+            self._failed, self._closing = None, False
             self._open = True
             self._users = 1
+            self._solo, self._busy = _get_ident(), False
             _open_dbs.add(self)
             now = _monotonic()
             self._sync_due = now + _SYNC_INTERVAL
@@ -329,7 +305,7 @@ class DB:
             self._users -= 1
             if self._users:
                 return
-            gate = self._transition = _Gate()
+            gate = self._transition = Gate()
             try:
                 await self._release()
             finally:
@@ -352,19 +328,18 @@ class DB:
     async def _release(self) -> None:
         self._closing = True  # a rewrite in progress gives up at its next step
         await self._stop_host()
-        while (rewriting := self._rewriting) is not None:
-            await rewriting.wait(lambda: self._rewriting is rewriting)
+        await self._rewriter.wait()
         while (gate := self._gate) is not None:
             await gate.wait(lambda: self._gate is gate)
         log = self._log
-        self._check_unlinked()
-        if log is not None and self._restore and self._failed is None:
-            await self._rewrite(explicit=False)  # the file was deleted under us: put it back before closing
+        self._rewriter.check_unlinked()
+        if log is not None and self._rewriter.restore and self._failed is None:
+            await self._rewriter.run(explicit=False)  # the file was deleted under us: put it back before closing
         self._open = False
         self._log, self._link = None, None
         _open_dbs.discard(self)
         self._index = Index()
-        self._due = math.inf
+        self._due = -math.inf
         if log is None:
             return
         error: OSError | None = None
@@ -388,14 +363,14 @@ class DB:
         except RuntimeError:
             loop = None
         if loop is not None:
-            host = _Host(loop.call_soon_threadsafe)
+            host = Host(loop.call_soon_threadsafe)
             host.loop = loop
             task = loop.create_task(self._host_main(host), name=f"buntsession background {self.path}")
             self._host_task: object = task  # the loop keeps only a weak reference to its tasks
         else:
             import trio  # noqa: PLC0415  (only under trio, which is then installed)
 
-            host = _Host(trio.lowlevel.current_trio_token().run_sync_soon)
+            host = Host(trio.lowlevel.current_trio_token().run_sync_soon)
             trio.lowlevel.spawn_system_task(self._host_main, host, name=f"buntsession background {self.path}")
         self._host = host
 
@@ -407,7 +382,7 @@ class DB:
         if host.done is not None and _get_ident() == host.thread:
             await host.done.wait()
 
-    async def _host_main(self, host: _Host) -> None:
+    async def _host_main(self, host: Host) -> None:
         if host.stopped:
             return  # closed before this task first ran
         host.done = anyio.Event()
@@ -447,40 +422,44 @@ class DB:
                     self._cleanup_due = now + min(self.cleanup_interval, _SYNC_INTERVAL)
                     self._schedule()
                     await self._drop_expired()
-                    self._check_unlinked()
-                    if self._shrink_due():
-                        self._rewriting_soon = True
+                    self._rewriter.check_unlinked()
+                    if self._rewriter.due():
+                        self._rewriter.soon = True
                         tg.start_soon(self._autoshrink)
             except Exception:
                 logger.exception("background work on %s failed", self._abspath)
 
     async def _autoshrink(self) -> None:
         try:
-            await self._rewrite(explicit=False)
+            await self._rewriter.run(explicit=False)
         except StoreError:
             pass  # closed or failed meanwhile: the next call says so
         except Exception:
             logger.exception("autoshrink of %s failed", self._abspath)
         finally:
-            self._rewriting_soon = False
+            self._rewriter.soon = False
 
     def _schedule(self) -> None:
-        """When a write must do the periodic work itself: when it is due, or a little later while a host
-        task is alive to do it."""
-        if self._gate is not None or self._link is not None:
-            self._due = -math.inf  # every write takes the general path: it waits at the gate, or catches up
-            return
+        """When a write must do the periodic work itself (when it is due, or a little later while a host
+        task is alive to do it), and whether writes may take the fast path until then."""
         due = self._cleanup_due
         if self.sync_policy == "everysec":
             due = min(due, self._sync_due)
-        self._due = due + (_HOST_SLACK if self._host is not None else 0.0)
+        self._work_due = due + (_HOST_SLACK if self._host is not None else 0.0)
+        if (self._gate is not None or self._link is not None or self._always or not self._open
+                or self._failed is not None or self._fork_gen != _fork_generation):
+            # Every write takes the general path: it waits at the gate, catches up with the other
+            # processes, leads a group commit, or raises why this DB takes no writes.
+            self._due = -math.inf
+        else:
+            self._due = self._work_due
 
     async def _work_as_calls_arrive(self) -> None:
         """A bounded step of overdue periodic work, done by a write (no host, or a starved one)."""
         now = _monotonic()
         if self.sync_policy == "everysec" and now >= self._sync_due:
             host = self._host
-            if host is not None and host.tg is not None and not host.stopped and host.loop is _running_loop():
+            if host is not None and host.tg is not None and not host.stopped and host.loop is running_loop():
                 # A host that is alive but has not had the loop (writes that never yield): hand it the fsync
                 # as a task, so this write does not wait for it; it runs as soon as the loop is free.
                 self._sync_due = now + _SYNC_INTERVAL
@@ -490,9 +469,9 @@ class DB:
         if now >= self._cleanup_due:
             self._cleanup_due = now + min(self.cleanup_interval, _SYNC_INTERVAL)
             self._drop_expired_step()
-            self._check_unlinked()
-            if self._host is None and self._shrink_due():
-                await self._rewrite(explicit=False)
+            self._rewriter.check_unlinked()
+            if self._host is None and self._rewriter.due():
+                await self._rewriter.run(explicit=False)
         self._schedule()
 
     async def _everysec_sync(self) -> None:
@@ -573,13 +552,13 @@ class DB:
         if self._link is not None:
             await self._link.refresh()
         keys = list(self._index.data)
-        for start in range(0, len(keys), _SNAPSHOT_CHUNK):
+        for start in range(0, len(keys), SNAPSHOT_CHUNK):
             await anyio.lowlevel.checkpoint()
             if not self._open:
                 self._raise_unusable()
             now = self._clock()
             data = self._index.data
-            for key in keys[start : start + _SNAPSHOT_CHUNK]:
+            for key in keys[start : start + SNAPSHOT_CHUNK]:
                 if key.startswith(prefix):
                     entry = data.get(key)
                     if entry is not None and (entry[1] is None or entry[1] > now):
@@ -605,7 +584,7 @@ class DB:
             expired=expired,
             file_size=log.end if log else 0,
             fsyncs=log.fsyncs if log else 0,
-            shrinks=self._shrinks,
+            shrinks=self._rewriter.shrinks,
         )
 
     # -- writes ----------------------------------------------------------------------------------------------
@@ -622,60 +601,62 @@ class DB:
         (a time already past stores a key that is never returned); neither: never."""
         # The hot path: the common argument types are checked inline, anything else by the helpers,
         # which raise the errors the contract names.
-        if type(key) is str and key and len(key) <= _FAST_KEY_CHARS and key.isascii():
-            kb = key.encode()
+        if type(key) is str:
+            try:
+                kb = key.encode()
+            except UnicodeEncodeError:
+                kb = key_bytes(key)  # raises
+            if not 0 < len(kb) <= _MAX_KEY:
+                kb = key_bytes(key)  # raises
         else:
-            kb = _key_bytes(key)
-        if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
-            value = _value_bytes(value)
+            kb = key_bytes(key)
+        if type(value) is not bytes or len(value) > _MAX_VALUE:
+            value = value_bytes(value)
         if ttl is None:
             if expire_at is not None:
-                expire_at = _unix_time(expire_at)
+                expire_at = unix_time(expire_at)
         elif expire_at is not None:
             raise TypeError("give ttl or expire_at, not both")
-        elif (type(ttl) is int or type(ttl) is float) and 0 < ttl < _FAST_TTL_LIMIT:
+        elif (type(ttl) is float or type(ttl) is int) and 0.0 < ttl < _FAST_TTL_LIMIT:
             expire_at = self._clock() + ttl
         else:
             expire_at = self._expire_at(ttl)
-        record = fmt.encode_record(fmt.SET, kb, value, expire_at, self._salt)
+        record = _encode(_SET, kb, value, expire_at, self._salt)
         entry = (value, expire_at)
-        if _monotonic() >= self._due:  # a closed gate, shared mode, or periodic work due: the general path
-            await self._write(key, lambda _: (record, entry))
+        me = _get_ident()
+        if me != self._solo or _monotonic() >= self._due:  # another thread, work due, or see `_due`
+            await self._write(key, partial(_planned, record, entry))
             return
-        guard = self._guard
-        if not guard.acquire(False):  # positional: the keyword form costs twice as much
-            guard.acquire()  # another thread in a synchronous step (two loops at once): microseconds
-        failed = None
-        deferred = False
+        self._busy = True  # then check again that this thread is still the solo one: see `_take_guard`
+        if self._solo != me:
+            self._busy = False
+            await self._write(key, partial(_planned, record, entry))
+            return
+        # The fast path: one synchronous step, as `_write` takes with the guard held.
+        log = self._log
         try:
-            if not self._open or self._failed is not None or self._fork_gen != _fork_generation:
-                self._writable()  # raises why
-            log = self._log
-            if self._gate is not None:
-                deferred = True  # closed by another thread since the check above
-            else:
+            try:
                 if log is not None:
-                    log.append(record)  # the one write: AppendLog.append itself (the blocking watch allows it)
-                # Index.put, inlined: this is the hottest path of the engine.
+                    # AppendLog.append, inlined (one write call): this is the hottest path of the engine.
+                    try:
+                        n = log._write(log.fd, record)
+                    except OSError as exc:
+                        raise self._append_failed(log, record, exc) from exc
+                    if n != len(record):
+                        raise self._append_failed(log, record, n)
+                    log.end += n
+                    log.written += n
+                # Index.put, inlined.
                 index = self._index
                 data = index.data
                 old = data.get(key)
                 data[key] = entry
                 if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
                     _heappush(index.heap, (expire_at, key))
-        except AppendFailed as exc:
-            self._gate = _Gate()  # no one appends until the failed write is cut off
-            self._due = -math.inf
-            failed = exc
-        finally:
-            guard.release()
-        if deferred:
-            await self._write(key, lambda _: (record, entry))
-        elif log is not None:
-            if failed is not None:
-                await self._recover_append(log, failed)
-            if self._always:
-                await self._sync_to(log, log.written)
+            finally:
+                self._busy = False
+        except AppendFailed as failed:
+            await self._recover_append(log, failed)  # type: ignore[arg-type]  # an append had a log
 
     async def update(self, key: str, change: Callable[[bytes | None], tuple[bytes, float | None] | None]) -> bool:
         """Read, change and write `key` atomically: no other write to the DB comes in between.
@@ -684,34 +665,87 @@ class DB:
         absolute expiry (unix time, or None for none), or None to leave the key as it is. It runs while
         writes wait, so it must be short, and it must not await. Returns True when something was written.
         An exception from `change` propagates and nothing is written; so does a value over the size cap
-        (ValueError) or not bytes-like (TypeError).
+        (ValueError) or not bytes-like (TypeError), or an expiry that is not a finite number (ValueError,
+        TypeError).
         """
-        kb = _key_bytes(key)
+        if type(key) is str:
+            try:
+                kb = key.encode()
+            except UnicodeEncodeError:
+                kb = key_bytes(key)  # raises
+            if not 0 < len(kb) <= _MAX_KEY:
+                kb = key_bytes(key)  # raises
+        else:
+            kb = key_bytes(key)
+        me = _get_ident()
+        if me != self._solo or _monotonic() >= self._due:  # as in `set`
+            return await self._write(key, partial(self._plan_update, kb, change))
+        self._busy = True
+        if self._solo != me:
+            self._busy = False
+            return await self._write(key, partial(self._plan_update, kb, change))
+        # The fast path: `_write`'s step with `_plan_update`, inlined (the session store's write path).
+        log = self._log
+        try:
+            try:
+                index = self._index
+                data = index.data
+                old = data.get(key)
+                if old is not None and old[1] is not None and old[1] <= self._clock():
+                    del data[key]  # expired (as Index.live does)
+                    old = None
+                new = change(None if old is None else old[0])
+                if new is None:
+                    return False
+                value, expire_at = new
+                if type(value) is not bytes or len(value) > _MAX_VALUE:
+                    value = value_bytes(value)
+                if expire_at is not None and not (type(expire_at) is float and -_INF < expire_at < _INF):
+                    expire_at = unix_time(expire_at)
+                record = _encode(_SET, kb, value, expire_at, self._salt)
+                if log is not None:
+                    try:
+                        n = log._write(log.fd, record)
+                    except OSError as exc:
+                        raise self._append_failed(log, record, exc) from exc
+                    if n != len(record):
+                        raise self._append_failed(log, record, n)
+                    log.end += n
+                    log.written += n
+                data[key] = (value, expire_at)
+                if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
+                    _heappush(index.heap, (expire_at, key))
+                return True
+            finally:
+                self._busy = False
+        except AppendFailed as failed:
+            await self._recover_append(log, failed)  # type: ignore[arg-type]  # an append had a log
 
-        def plan(entry: Entry | None) -> tuple[bytes, Entry | None] | None:
-            new = change(None if entry is None else entry[0])
-            if new is None:
-                return None
-            # Every write path checks the size: a record over the cap could not be read back, and the
-            # file would no longer open.
-            value = new[0]
-            if type(value) is not bytes or len(value) > fmt.MAX_VALUE_SIZE:
-                value = _value_bytes(value)
-            expire_at = None if new[1] is None else _unix_time(new[1])
-            return fmt.encode_record(fmt.SET, kb, value, expire_at, self._salt), (value, expire_at)
-
-        return await self._write(key, plan)
+    def _plan_update(self, kb: bytes, change: Callable[[bytes | None], tuple[bytes, float | None] | None],
+                     entry: Entry | None) -> tuple[bytes, Entry | None] | None:
+        """`update`'s step for the general path (`_write`)."""
+        new = change(None if entry is None else entry[0])
+        if new is None:
+            return None
+        # Every write path checks the size: a record over the cap could not be read back, and the
+        # file would no longer open.
+        value, expire_at = new
+        if type(value) is not bytes or len(value) > _MAX_VALUE:
+            value = value_bytes(value)
+        if expire_at is not None:
+            expire_at = unix_time(expire_at)
+        return _encode(_SET, kb, value, expire_at, self._salt), (value, expire_at)
 
     async def expire(self, key: str, ttl: float | None, *, expire_at: float | None = None) -> bool:
         """Change only the expiry of `key`: `ttl` seconds from now, or the unix time `expire_at`, or (both
         None) no expiry. False, writing nothing, when the key is absent."""
-        kb = _key_bytes(key)
+        kb = key_bytes(key)
         if ttl is not None:
             if expire_at is not None:
                 raise TypeError("give ttl or expire_at, not both")
             expire_at = self._expire_at(ttl)
         elif expire_at is not None:
-            expire_at = _unix_time(expire_at)
+            expire_at = unix_time(expire_at)
 
         def plan(entry: Entry | None) -> tuple[bytes, Entry | None] | None:
             if entry is None:
@@ -722,7 +756,7 @@ class DB:
 
     async def delete(self, key: str) -> bool:
         """Remove `key`. True if it existed; an expired key does not, and nothing is written for it."""
-        kb = _key_bytes(key)
+        kb = key_bytes(key)
         return await self._write(key, lambda entry: None if entry is None else
                                  (fmt.encode_record(fmt.DEL, kb, b"", None, self._salt), None))
 
@@ -732,18 +766,20 @@ class DB:
         record to append and the entry to install (None deletes the key), or None to write nothing.
         Returns whether it wrote."""
         link = self._link
+        busy = 0  # attempts that found the append lock held by another process (shared mode)
         while True:
-            if (gate := self._gate) is not None:
-                await gate.wait(lambda: self._gate is gate)
+            if self._gate is not None:
+                await self._wait_gate()
                 continue
-            if _monotonic() >= self._due and self._open:
+            if _monotonic() >= self._work_due and self._open:
                 await self._work_as_calls_arrive()
-            if link is not None and not await link.ready_to_append():
-                continue
-            guard = self._guard
-            if not guard.acquire(False):
-                guard.acquire()
-            locked = False
+            if link is not None:
+                if busy:
+                    await link.wait_turn(busy)
+                if link.pending and not await link.ready_to_append():
+                    continue
+            self._take_guard()
+            locked: bool | None = False
             try:
                 log = self._writable()
                 if self._gate is not None:
@@ -751,6 +787,8 @@ class DB:
                 if link is not None:
                     locked = link.lock_and_catch_up()
                     if not locked:
+                        if locked is None:
+                            busy += 1
                         continue
                 step = plan(self._index.live(key, self._clock()))
                 if step is None:
@@ -765,7 +803,7 @@ class DB:
             finally:
                 if locked:
                     link.unlock()  # type: ignore[union-attr]
-                guard.release()
+                self._guard.release()
             if log is None:
                 return True
             if failed is not None:
@@ -785,9 +823,36 @@ class DB:
         taken on the event loop in bounded steps. Writes go on meanwhile and are kept. A shrink already in
         progress is waited for. StoreError when the rewrite fails (the old file is kept)."""
         self._writable()
-        await self._rewrite(explicit=True)
+        await self._rewriter.run(explicit=True)
 
     # -- internals: the write path ---------------------------------------------------------------------------
+
+    async def _wait_gate(self) -> None:
+        while (gate := self._gate) is not None:
+            await gate.wait(lambda: self._gate is gate)
+
+    def _take_guard(self, blocking: bool = True) -> bool:
+        """Take the guard for a synchronous step (released by the caller, never held across an await).
+
+        The solo thread's fast-path steps (`set`, `update`) skip the guard: a thread that takes the guard
+        while another thread is solo ends that, for good (every thread then takes the guard), and waits for
+        the solo thread's step in progress, if any, to end. The two flags follow Dekker's rule, which the
+        GIL makes sound: the solo thread sets `_busy` before it reads `_solo` (again), and this clears `_solo`
+        before it reads `_busy`; so either that step sees `_solo` cleared and takes the general path, or this
+        sees it busy and waits (a step is a few microseconds: no await, one write call). Only the solo thread
+        ever sets `_busy` (it checks that it is solo first).
+        """
+        guard = self._guard
+        if not guard.acquire(False):
+            if not blocking:
+                return False
+            guard.acquire()  # another thread in a synchronous step (two loops at once): microseconds
+        solo = self._solo
+        if solo and solo != _get_ident():
+            self._solo = 0
+            while self._busy:
+                os.sched_yield()  # releases the GIL to the solo thread, which ends its step
+        return True
 
     def _append(self, log: AppendLog, record: bytes) -> AppendFailed | None:
         """Append under the guard. On failure, close the gate (no one appends until the failed write is cut
@@ -795,10 +860,17 @@ class DB:
         try:
             log.append(record)
         except AppendFailed as exc:
-            self._gate = _Gate()
+            self._gate = Gate()
             self._due = -math.inf
             return exc
         return None
+
+    def _append_failed(self, log: AppendLog, record: bytes, result: int | OSError) -> AppendFailed:
+        """A fast-path append that failed (`result`: what the write call returned or raised): close the gate
+        as `_append` does, and return the failure for `_recover_append`."""
+        self._gate = Gate()
+        self._due = -math.inf
+        return log.failure(record, result)
 
     async def _recover_append(self, log: AppendLog, exc: AppendFailed) -> NoReturn:
         """Cut what a failed append left (off the event loop), open the gate, then raise StoreError."""
@@ -827,7 +899,7 @@ class DB:
 
     def _check_read(self, key: object) -> None:
         """Raise for a bad key or a DB that cannot serve reads."""
-        _check_key(key)
+        check_key(key)
         if not self._open or self._fork_gen != _fork_generation:
             self._raise_unusable()
 
@@ -870,11 +942,12 @@ class DB:
     def _fail(self, exc: BaseException, what: str) -> None:
         if self._failed is None:
             self._failed = exc
+            self._due = -math.inf
             logger.error("%s failed on %s: %s; the DB refuses writes until it is reopened", what,
                          self._abspath, exc)
 
     def _expire_at(self, ttl: object) -> float:
-        return self._clock() + _seconds(ttl, "ttl")
+        return self._clock() + seconds(ttl, "ttl")
 
     def _forget(self, key: str, entry: Entry) -> None:
         """Drop an expired entry a reader found (on the loop: no write is in a step right now)."""
@@ -886,7 +959,7 @@ class DB:
 
     def _drop_expired_step(self) -> bool:
         """One bounded batch of expired keys dropped from memory. Returns whether more are due."""
-        if not self._open or not self._guard.acquire(False):
+        if not self._open or not self._take_guard(blocking=False):
             return False  # another thread is in a write step: the next pass will do it
         try:
             started = time.perf_counter()
@@ -903,226 +976,11 @@ class DB:
         while self._drop_expired_step() and not self._closing:
             await anyio.lowlevel.checkpoint()
 
-    # -- internals: rewriting --------------------------------------------------------------------------------
-
-    def _check_unlinked(self) -> None:
-        """Notice a data file deleted under us (one fstat): say it loudly and have the next rewrite put the
-        live set back at the path. Shared mode cannot restore it (the others hold the deleted file)."""
-        log = self._log
-        if log is None or self._restore or self._failed is not None:
-            return
-        try:
-            gone = log.unlinked()
-        except OSError:
-            return
-        if not gone:
-            return
-        if self._link is not None:
-            logger.error("%s: the shared data file was deleted while in use; writes go to a deleted file", log.path)
-            self._fail(OSError(f"{log.path} was deleted while in use"), "the data file")
-            return
-        logger.error("%s: the data file was deleted while the DB was open; writing the %d live keys back to it",
-                     log.path, len(self._index.data))
-        self._restore = True
-        self._shrink_retry_at = 0.0
-
-    def _shrink_due(self) -> bool:
-        log = self._log
-        if log is None or self._failed is not None or self._rewriting is not None or self._rewriting_soon:
-            return False
-        if self._restore:
-            return True
-        if not self.autoshrink:
-            return False
-        base = self._base_size
-        return (
-            log.end > self.autoshrink_min_size
-            and log.end > base + base * self.autoshrink_percentage // 100
-            and _monotonic() >= self._shrink_retry_at
-        )
-
-    async def _rewrite(self, explicit: bool) -> None:
-        """Rewrite the file to the live set (see AppendLog.rewrite_begin for the phases)."""
-        while (running := self._rewriting) is not None:
-            if not explicit:
-                return
-            await running.wait(lambda: self._rewriting is running)
-        log = self._writable()
-        if log is None:
-            return
-        if not explicit and self._closing and not self._restore:
-            return
-        rewriting = self._rewriting = _Gate()
-        try:
-            await self._rewrite_steps(log, explicit)
-        finally:
-            self._rewriting = None
-            rewriting.event.set()
-
-    async def _rewrite_steps(self, log: AppendLog, explicit: bool) -> None:
-        restore = self._restore and self._link is None
-        if not restore:
-            self._check_unlinked()
-            restore = self._restore and self._link is None
-        link = self._link
-        # The snapshot: the keys now, and the file's end now (no await in between). Each entry is read at
-        # some later step; the tail copy then brings every record written since, so a key's last record
-        # in the new file is its latest state either way.
-        start, generation = log.end, log.generation
-        keys = list(self._index.data)
-        before = log.end
-        started = time.perf_counter()
-        rw: Rewrite | None = None
-        try:
-            rw = await anyio.to_thread.run_sync(log.rewrite_begin, start, restore, generation)
-            buffer: list[bytes] = []
-            pending = 0
-            encode, salt = fmt.encode_record, log.salt
-            for first in range(0, len(keys), _SNAPSHOT_CHUNK):
-                if self._closing and not restore:
-                    raise _Aborted
-                data, now = self._index.data, self._clock()
-                for key in keys[first : first + _SNAPSHOT_CHUNK]:
-                    entry = data.get(key)
-                    if entry is not None and (entry[1] is None or entry[1] > now):
-                        record = encode(fmt.SET, key.encode(), entry[0], entry[1], salt)
-                        buffer.append(record)
-                        pending += len(record)
-                if pending >= _SNAPSHOT_WRITE:
-                    await anyio.to_thread.run_sync(log.rewrite_write, rw, b"".join(buffer))
-                    buffer, pending = [], 0
-                else:
-                    await anyio.lowlevel.checkpoint()
-            if buffer:
-                await anyio.to_thread.run_sync(log.rewrite_write, rw, b"".join(buffer))
-            await anyio.to_thread.run_sync(log.rewrite_tail, rw)
-            if self._closing and not restore:
-                raise _Aborted
-            # The final phase: this DB's writers wait at the gate (and, shared, the others at the append lock).
-            gate = self._gate = _Gate()
-            self._due = -math.inf
-            try:
-                with anyio.CancelScope(shield=True):
-                    if link is not None:
-                        size, others = await anyio.to_thread.run_sync(link.finish_rewrite, rw)
-                        link.apply_copied(others)
-                    else:
-                        size = await anyio.to_thread.run_sync(log.rewrite_finish, rw)
-            finally:
-                self._gate = None
-                self._schedule()
-                gate.event.set()
-        except (_Aborted, Superseded):
-            if rw is not None:
-                await anyio.to_thread.run_sync(log.rewrite_abort, rw)
-            return  # closing, or another sharer rewrote the file first (the next call reloads it)
-        except OSError as exc:
-            if rw is not None:
-                await anyio.to_thread.run_sync(log.rewrite_abort, rw)
-            if log.failed is not None:
-                self._fail(exc, "directory fsync after a rewrite")
-            self._shrink_retry_at = _monotonic() + self._shrink_backoff
-            self._shrink_backoff = min(self._shrink_backoff * 2, _SHRINK_RETRY_MAX)
-            logger.error("rewrite of %s failed: %s; the old file is kept", self._abspath, exc)
-            if explicit:
-                raise StoreError(f"{self._abspath}: rewrite failed: {exc}") from exc
-            return
-        except BaseException:
-            if rw is not None:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(log.rewrite_abort, rw)
-            raise
-        if restore:
-            self._restore = False
-            logger.warning("%s: the live set is back on disk (%d bytes)", self._abspath, size)
-        self._shrinks += 1
-        self._base_size = size
-        self._shrink_backoff = _SHRINK_RETRY_FIRST
-        logger.info("shrank %s from %d to %d bytes in %.3f s", self._abspath, before, size,
-                    time.perf_counter() - started)
-
     def _check_process(self) -> None:
         if self._fork_gen != _fork_generation:
             raise FileLockedError(self._abspath, "this DB was opened by the parent of this forked process")
 
 
-class _Aborted(Exception):
-    """A rewrite gave up because the DB is closing."""
-
-
-# -- argument checks -----------------------------------------------------------------------------------------
-
-
-def _check_key(key: object) -> None:
-    if not isinstance(key, str):
-        raise TypeError(f"keys are str, not {type(key).__name__}")
-    if not key:
-        raise ValueError("keys must not be empty")
-
-
-def _key_bytes(key: object) -> bytes:
-    _check_key(key)
-    assert isinstance(key, str)
-    try:
-        kb = key.encode()
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"key {_show(key)} is not valid Unicode") from exc
-    if len(kb) > fmt.MAX_KEY_SIZE:
-        raise ValueError(f"key of {len(kb)} bytes is over the limit of {fmt.MAX_KEY_SIZE}")
-    return kb
-
-
-def _value_bytes(value: object) -> bytes:
-    """`value` as bytes: anything with the buffer protocol (bytes, bytearray, memoryview, array.array...),
-    its raw bytes in memory order. TypeError for anything else (a str included); ValueError over the cap."""
-    if type(value) is bytes:
-        data = value
-    else:
-        try:
-            view = memoryview(value)  # type: ignore[arg-type]  # any buffer: checked by the call
-        except TypeError:
-            raise TypeError(f"values are bytes-like, not {type(value).__name__}") from None
-        with view:
-            if view.nbytes > fmt.MAX_VALUE_SIZE:
-                raise ValueError(f"value of {view.nbytes} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
-            data = view.tobytes()
-    if len(data) > fmt.MAX_VALUE_SIZE:
-        raise ValueError(f"value of {len(data)} bytes is over the limit of {fmt.MAX_VALUE_SIZE}")
-    return data
-
-
-def _show(value: object) -> str:
-    """`repr(value)` cut short: an error message never spells out a number of 400 digits."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
-        return f"{'-' if value < 0 else ''}an int of {len(str(abs(value)))} digits"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _seconds(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} {_show(value)} is too large") from None
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{name} must be positive and finite, not {_show(value)}")
-    return seconds
-
-
-def _unix_time(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expire_at must be a unix time in seconds, not {type(value).__name__}")
-    try:
-        at = float(value)
-    except OverflowError:
-        at = math.inf
-    if not math.isfinite(at):
-        raise ValueError(f"expire_at must be finite, not {_show(value)}")
-    return at
-
-
-def _require_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, not {_show(value)}")
+def _planned(record: bytes, entry: Entry, _: Entry | None) -> tuple[bytes, Entry]:
+    """A `_write` plan that writes `record` and installs `entry` whatever the key holds (`set`)."""
+    return record, entry

@@ -122,7 +122,8 @@ class AppendLog:
         self.header = header or fmt.new_file_header()
         """The file's header: its version and salt, which appends and rewrites keep."""
         self.salt = self.header.salt
-        self.inode = ops.fstat(fd).st_ino
+        st = ops.fstat(fd)
+        self.inode, self.dev = st.st_ino, st.st_dev
         self.rewriting: Rewrite | None = None
         """The rewrite in progress, if any (see rewrite_begin)."""
         self.generation = 0
@@ -195,15 +196,26 @@ class AppendLog:
     # -- writing -----------------------------------------------------------------------------------------
 
     def append(self, data: bytes) -> None:
-        """Write one record (or batch) with one write call. Raises AppendFailed, leaving `end` unchanged."""
+        """Write one record (or batch) with one write call. Raises AppendFailed, leaving `end` unchanged.
+
+        `DB.set` and `DB.update` inline this (the write call through `_write`, then `end` and `written`
+        moved by what it wrote, or `failure`): keep them in step."""
         try:
             n = self._write(self.fd, data)
         except OSError as exc:
-            raise AppendFailed(f"write to {self.path} failed: {exc}") from exc
+            raise self.failure(data, exc) from exc
         if n != len(data):
-            raise AppendFailed(f"short write to {self.path}: {n} of {len(data)} bytes (out of space?)")
+            raise self.failure(data, n)
         self.end += n
         self.written += n
+
+    def failure(self, data: bytes, result: int | OSError) -> AppendFailed:
+        """The AppendFailed for an append of `data` whose write call returned or raised `result`."""
+        if isinstance(result, OSError):
+            failed = AppendFailed(f"write to {self.path} failed: {result}")
+            failed.__cause__ = result
+            return failed
+        return AppendFailed(f"short write to {self.path}: {result} of {len(data)} bytes (out of space?)")
 
     def truncate_to_end(self) -> None:
         """Cut whatever a failed append left after the last complete record. Blocking."""
@@ -263,31 +275,27 @@ class AppendLog:
         assert self.lock_fd is not None
         self._ops.unlock(self.lock_fd)
 
-    def behind(self) -> bool:
-        """Whether another process appended to the file or replaced it since we last read it: one stat."""
-        try:
-            st = self._ops.stat(self.path)
-        except FileNotFoundError:
-            return True
-        return st.st_ino != self.inode or st.st_size != self.end
-
     def replaced(self) -> bool:
         return not _same_file(self._ops.fstat(self.fd), self.path, self._ops)
 
-    def catch_up(self, apply: fmt.Apply, holding_append_lock: bool, limit: int | None = None) -> int | None:
-        """Apply the complete records other processes appended since our end; CorruptFileError for damage.
+    def look(self) -> int | None:
+        """For a sharer: one stat of the path. None when the path no longer names our file (a sharer's
+        rewrite replaced it, or it was deleted); else the bytes the file has past our end (0: none).
 
-        Reads with one pread, cheap enough for the event loop when the new bytes are few: with `limit`,
-        more new bytes than that are left alone and this returns -1 (the caller reads them in a thread with
-        `read_new`, then applies them with `apply_new`). See `apply_new` for the other results.
-        """
-        size = self._ops.fstat(self.fd).st_size
-        if size <= self.end:
+        (Not an fstat of our descriptor and its link count: a file with a second name, a hard-link backup,
+        keeps a name after a rewrite replaced it at the path.)"""
+        try:
+            st = self._ops.stat(self.path)
+        except FileNotFoundError:
             return None
-        if limit is not None and size - self.end > limit:
-            return -1
-        return self.apply_new(self.end, self._ops.pread(self.fd, size - self.end, self.end), apply,
-                              holding_append_lock)
+        if st.st_ino != self.inode or st.st_dev != self.dev:
+            return None
+        return st.st_size - self.end
+
+    def apply_appended(self, size: int, apply: fmt.Apply, holding_append_lock: bool) -> int | None:
+        """Read the `size` bytes past our end (what `look` found) with one pread and apply their complete
+        records: `apply_new`, which says what its result means."""
+        return self.apply_new(self.end, self._ops.pread(self.fd, size, self.end), apply, holding_append_lock)
 
     def read_new(self) -> tuple[tuple[int, int], bytes]:
         """((our generation, our end), the bytes after it): what other processes appended. Blocking."""
@@ -362,12 +370,12 @@ class AppendLog:
         except BaseException:
             ops.close(fd)
             raise
-        return Replacement(fd, end, st.st_ino, st.st_size, header)
+        return Replacement(fd, end, st.st_ino, st.st_dev, st.st_size, header)
 
     def switch(self, new: Replacement) -> None:
         """Move to a loaded replacement file (its index is already in place)."""
         with self.sync_lock:
-            old, self.fd, self.end, self.inode = self.fd, new.fd, new.end, new.inode
+            old, self.fd, self.end, self.inode, self.dev = self.fd, new.fd, new.end, new.inode, new.dev
             self.header, self.salt = new.header, new.header.salt
             self.generation += 1
             self.synced = self.written  # what we wrote is in the new file, which its writer fsynced
@@ -467,7 +475,8 @@ class AppendLog:
                 renamed = True
                 # From here on the path names the new file: swap to it whatever happens next, or
                 # writes would go to a file that is no longer linked.
-                old, self.fd, self.end, self.inode = self.fd, rw.fd, size, ops.fstat(rw.fd).st_ino
+                st = ops.fstat(rw.fd)
+                old, self.fd, self.end, self.inode, self.dev = self.fd, rw.fd, size, st.st_ino, st.st_dev
                 self.generation += 1
                 rw.fd = -1
                 self.synced = self.written
@@ -523,6 +532,7 @@ class Replacement:
     fd: int
     end: int
     inode: int
+    dev: int
     size: int
     header: fmt.FileHeader
 

@@ -3,7 +3,8 @@
 Each process keeps the whole live set in memory, as a single owner does. They take turns to append:
 a write takes the sharers' append lock (a lock file beside the data file, held only for the append),
 first catches up on the records the others appended, then appends its own. A read first checks, with
-one stat, whether the file grew or was replaced, and if so catches up (or reloads the rewritten file).
+one stat of the path (`AppendLog.look`), whether the file grew or was replaced, and if so catches up (or reloads the
+rewritten file).
 A rewrite is done by whichever process decides to, under the append lock; the others notice the new file
 and reload it. Every sharer must open the file with the same options.
 
@@ -11,6 +12,10 @@ Catching up on a few records (the common case: the other worker wrote a session 
 one `pread` on the event loop, as cheap as the append itself, inside the write's synchronous step: no thread
 hop, so writes from several processes scale. A larger backlog is read in a worker thread, and a replaced
 file is loaded in one, before the write takes its step.
+
+A write that finds the append lock held retries it on the loop for a few tens of microseconds (the holder
+keeps it for one write step), then lets the loop's other tasks run, then sleeps a little longer each time:
+each write keeps its own count, so one busy moment never makes every other write of the process sleep.
 
 The synchronous `len(db)` and `db.stats()` show what this process has read so far: the next async call
 catches up.
@@ -21,10 +26,12 @@ catches up.
 from __future__ import annotations
 
 import json
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import anyio
+import anyio.lowlevel
 
 from buntsession.engine import format as fmt
 from buntsession.engine.index import Entry, Index, apply_record
@@ -35,8 +42,15 @@ if TYPE_CHECKING:
 
 __all__ = ["SharedLink"]
 
+_perf_counter = time.perf_counter
+
 _ON_LOOP_LIMIT: Final = 256 * 1024
 """New bytes read on the event loop at most; a larger backlog is read in a worker thread."""
+_SPIN: Final = 0.00003
+"""Seconds a write retries the append lock on the event loop before it lets other tasks run: another
+process holds it for one write step, a few microseconds, unless the scheduler took its CPU away."""
+_YIELDS: Final = 3
+"""Times a write lets the loop's other tasks run between such retries before it sleeps between them."""
 _BACKOFF_FIRST: Final = 0.0001
 _BACKOFF_MAX: Final = 0.005
 
@@ -46,10 +60,11 @@ class SharedLink:
 
     def __init__(self, db: DB) -> None:
         self._db = db
-        self._delay = 0.0
         self._needs_reload = False
         self._needs_backlog = False
         self._torn_at: int | None = None
+        self.pending = False
+        """Whether the last attempt to append found something `ready_to_append` must do first."""
         self._reloading: anyio.Event | None = None
 
     def options(self) -> str:
@@ -66,40 +81,48 @@ class SharedLink:
         """Catch up with the file before a read: one stat when nothing changed."""
         db = self._db
         # A rewrite of ours swapping files first: its end already counts the others' records it took in,
-        # which reach the index only when the swap is done, so `behind()` cannot be trusted until then.
-        while (gate := db._gate) is not None:
-            await gate.wait(lambda: db._gate is gate)
+        # which reach the index only when the swap is done, so `look()` cannot be trusted until then.
+        if db._gate is not None:
+            await db._wait_gate()
         log = db._log
-        if log is None or not log.behind():
+        if log is None:
             return
-        while log.replaced():
+        while (new := log.look()) is None:
             # The reload (ours, or one this waited for) read the new file as it was then: records appended
             # to it since, perhaps acknowledged before this read began, are caught up below.
             await self._reload()
             if db._log is not log:
                 return
-        guard = db._guard
-        if not guard.acquire(False):
-            guard.acquire()
-        try:
-            found = log.catch_up(db._index.apply, False, _ON_LOOP_LIMIT)
-        finally:
-            guard.release()
-        if found == -1:
+        if new <= 0:
+            return
+        if new > _ON_LOOP_LIMIT:
             await self._read_backlog()
+            return
+        db._take_guard()
+        try:
+            # Another task may have caught up meanwhile (the reload's await): `apply_new` then skips these.
+            log.apply_appended(new, db._index.apply, False)
+        finally:
+            db._guard.release()
 
     # -- writes -----------------------------------------------------------------------------------------------
+
+    async def wait_turn(self, attempt: int) -> None:
+        """Let the loop's other tasks run (the first few times), or sleep a little longer each time, before
+        attempt number `attempt` (1, 2...) at the append lock that another process held."""
+        if attempt <= _YIELDS:
+            await anyio.lowlevel.checkpoint()
+        else:
+            await anyio.sleep(min(_BACKOFF_FIRST * 2 ** (attempt - _YIELDS - 1), _BACKOFF_MAX))
 
     async def ready_to_append(self) -> bool:
         """Do, off the write's synchronous step, what the last attempt found it must do first. Returns True
         when the write may take its step now; False to start over."""
+        self.pending = False
         db = self._db
         log = db._log
         if log is None:
             return True
-        if self._delay:  # another process holds the append lock: its writes are short
-            await anyio.sleep(self._delay)
-            self._delay = min(self._delay * 2, _BACKOFF_MAX)
         if self._needs_reload:
             self._needs_reload = False
             await self._reload()
@@ -114,35 +137,41 @@ class SharedLink:
             return False
         return True
 
-    def lock_and_catch_up(self) -> bool:
+    def lock_and_catch_up(self) -> bool | None:
         """In the write's synchronous step (the DB's guard held): take the sharers' append lock and apply
-        what the others appended since. False, holding nothing, when the write must start over (after
-        `ready_to_append`)."""
+        what the others appended since (one stat, and one pread when they did). True: locked and caught up.
+        False, holding nothing, when the write must start over (after `ready_to_append`); None, holding
+        nothing, when another process kept the append lock (the write starts over after `wait_turn`)."""
         db = self._db
         log = db._log
         assert log is not None
         if not log.try_append_lock():
-            self._delay = self._delay or _BACKOFF_FIRST
-            return False
+            # The holder is in a write step of a few microseconds: retry for about as long, on the loop.
+            deadline = _perf_counter() + _SPIN
+            while not log.try_append_lock():
+                if _perf_counter() >= deadline:
+                    return None
+        self.pending = True
         try:
-            if log.behind():
-                if log.replaced():
-                    self._needs_reload = True
-                    log.append_unlock()
-                    return False
-                found = log.catch_up(db._index.apply, True, _ON_LOOP_LIMIT)
-                if found is not None:
-                    if found == -1:
-                        self._needs_backlog = True
-                    else:
-                        self._torn_at = found
-                    log.append_unlock()
-                    return False
+            new = log.look()
+            if new is None:
+                self._needs_reload = True
+            elif new <= 0:
+                self.pending = False
+                return True
+            elif new > _ON_LOOP_LIMIT:
+                self._needs_backlog = True
+            else:
+                found = log.apply_appended(new, db._index.apply, True)
+                if found is None:
+                    self.pending = False
+                    return True
+                self._torn_at = found
         except BaseException:
             log.append_unlock()
             raise
-        self._delay = 0.0
-        return True
+        log.append_unlock()
+        return False
 
     def unlock(self) -> None:
         log = self._db._log
@@ -182,13 +211,11 @@ class SharedLink:
             return
         start, fresh = await anyio.to_thread.run_sync(log.read_new)
         if db._log is log:
-            guard = db._guard
-            if not guard.acquire(False):
-                guard.acquire()
+            db._take_guard()
             try:
                 log.apply_new(start, fresh, db._index.apply, False)
             finally:
-                guard.release()
+                db._guard.release()
 
     async def _reload(self) -> None:
         """Move to the file another process's rewrite put at the path: load it in a worker thread, then
@@ -208,15 +235,13 @@ class SharedLink:
             if db._log is not log or log.generation != generation:
                 log.discard(new)  # closed, or moved on meanwhile
                 return
-            guard = db._guard
-            if not guard.acquire(False):
-                guard.acquire()
+            db._take_guard()
             try:
                 db._index = Index(replayed, db._clock())
                 log.switch(new)
                 db._salt = log.salt  # a file recreated meanwhile has a salt of its own
             finally:
-                guard.release()
+                db._guard.release()
         finally:
             self._reloading = None
             done.set()
