@@ -6,6 +6,7 @@ import array
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -235,6 +236,124 @@ def test_a_second_thread_while_the_opening_thread_writes_on_its_fast_path(db_pat
     assert state["n"] == str(2 * rounds).encode()
     assert len(state) == 41
     assert read_state(db_path) == state
+
+
+def test_a_close_from_another_thread_loses_no_acknowledged_write(db_path: str) -> None:
+    """The opening thread writes on its fast path while another thread closes the DB, and the close is
+    held up (a trace hook sleeps, as a forced thread switch would) in the middle of dropping the file and
+    the index: every set() that returned is in the file after reopen; the others raise StoreError."""
+    import linecache
+    import sys
+    import threading
+    import time
+
+    import buntsession.engine.db as dbmod
+
+    db = DB(db_path)
+    opened, closed = threading.Event(), threading.Event()
+    paused: list[bool] = []
+    acknowledged: list[str] = []
+    refused: list[StoreError] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code.co_name == "_release" and frame.f_code.co_filename == dbmod.__file__:
+            def local(frame: Any, event: str, arg: Any) -> Any:
+                if event == "line" and "_open_dbs.discard" in linecache.getline(frame.f_code.co_filename,
+                                                                                  frame.f_lineno):
+                    paused.append(True)
+                    time.sleep(0.05)  # the GIL goes to the writing thread
+                return local
+            return local
+        return None
+
+    async def writer() -> None:
+        await db.open()
+        opened.set()
+        i = 0
+        while not closed.is_set():
+            i += 1
+            try:
+                await db.set(f"k{i}", b"v")
+            except StoreError as exc:
+                refused.append(exc)
+                return
+            acknowledged.append(f"k{i}")
+            time.sleep(0.001)
+
+    async def closer() -> None:
+        opened.wait(10)
+        time.sleep(0.02)
+        sys.settrace(tracer)
+        try:
+            await db.close()
+        finally:
+            sys.settrace(None)
+            closed.set()
+
+    threads = [threading.Thread(target=anyio.run, args=(writer,)),
+               threading.Thread(target=anyio.run, args=(closer,), kwargs={"backend": "trio"})]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert paused and acknowledged and refused, (paused, len(acknowledged), refused)
+    assert "closed" in str(refused[0])
+    state = read_state(db_path)
+    assert [key for key in acknowledged if key not in state] == []
+
+
+def test_a_second_thread_ends_the_fast_path_before_its_periodic_work(db_path: str) -> None:
+    """A write from a second thread may do overdue periodic work (an fsync, a rewrite) that changes when
+    writes may take the fast path; it ends the opening thread's fast path first, so that no fast-path
+    step of the opening thread can slip past a gate the work closes."""
+
+    seen: list[int] = []
+
+    async def opener() -> None:
+        async with DB(db_path) as db:
+            await db.set("a", b"1")
+            real = db._work_as_calls_arrive
+
+            async def work() -> None:
+                seen.append(db._solo)
+                await real()
+
+            db._work_as_calls_arrive = work  # type: ignore[method-assign]
+            db._work_due = 0.0  # overdue: the next general write does it
+
+            def second() -> None:
+                anyio.run(db.set, "b", b"2", backend="trio")
+
+            await anyio.to_thread.run_sync(second)
+            assert await db.get("b") == b"2"
+
+    anyio.run(opener)
+    assert seen == [0]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_expired_key_dropped_by_a_reader_in_another_thread_mid_update_is_no_error(db_path: str,
+                                                                                      fast: bool) -> None:
+    """A reader in another thread may drop an expired entry between the moment an update finds it and the
+    moment it drops it: the update sees the key absent, as it is, and raises nothing."""
+
+    class DroppedMeanwhile(dict[str, Any]):
+        def get(self, key: str, default: Any = None) -> Any:
+            found = super().get(key, default)
+            self.pop(key, None)  # what the other thread's reader does, right after this lookup
+            return found
+
+    async def main() -> None:
+        async with DB(db_path, sync="everysec" if fast else "always") as db:
+            await db.set("k", b"old", expire_at=1.0)  # already expired
+            db._index.data = DroppedMeanwhile(db._index.data)
+            seen: list[bytes | None] = []
+            assert await db.update("k", lambda old: (seen.append(old), (b"new", None))[1])
+            assert seen == [None]
+            db._index.data = dict(db._index.data)
+            assert await db.get("k") == b"new"
+
+    anyio.run(main)
 
 
 def _embedding_file(path: str, torn: bool) -> tuple[bytes, int]:

@@ -326,6 +326,7 @@ class DB:
             await gate.wait(lambda: self._transition is gate)
 
     async def _release(self) -> None:
+        self._end_solo()  # closed from another thread: no fast-path step may slip past what follows
         self._closing = True  # a rewrite in progress gives up at its next step
         await self._stop_host()
         await self._rewriter.wait()
@@ -335,11 +336,17 @@ class DB:
         self._rewriter.check_unlinked()
         if log is not None and self._rewriter.restore and self._failed is None:
             await self._rewriter.run(explicit=False)  # the file was deleted under us: put it back before closing
-        self._open = False
-        self._log, self._link = None, None
-        _open_dbs.discard(self)
-        self._index = Index()
+        # First every write takes the general path (which raises: closed); then, under the guard, which
+        # waits for a fast-path step of another thread in progress, the log and the index go.
         self._due = -math.inf
+        self._take_guard()
+        try:
+            self._open = False
+            self._log, self._link = None, None
+            _open_dbs.discard(self)
+            self._index = Index()
+        finally:
+            self._guard.release()
         if log is None:
             return
         error: OSError | None = None
@@ -692,7 +699,7 @@ class DB:
                 data = index.data
                 old = data.get(key)
                 if old is not None and old[1] is not None and old[1] <= self._clock():
-                    del data[key]  # expired (as Index.live does)
+                    data.pop(key, None)  # expired (as Index.live does; a reader may have dropped it)
                     old = None
                 new = change(None if old is None else old[0])
                 if new is None:
@@ -765,6 +772,7 @@ class DB:
         processes (shared), then in one synchronous step: `plan` gets the key's live entry and returns the
         record to append and the entry to install (None deletes the key), or None to write nothing.
         Returns whether it wrote."""
+        self._end_solo()
         link = self._link
         busy = 0  # attempts that found the append lock held by another process (shared mode)
         while True:
@@ -814,6 +822,7 @@ class DB:
 
     async def sync(self) -> None:
         """fsync the file now, whatever the sync policy. Does nothing for `:memory:`."""
+        self._end_solo()
         log = self._writable()
         if log is not None:
             await self._sync_to(log, log.written)
@@ -822,6 +831,7 @@ class DB:
         """Rewrite the file to the live set now; the blocking parts run in worker threads, the snapshot is
         taken on the event loop in bounded steps. Writes go on meanwhile and are kept. A shrink already in
         progress is waited for. StoreError when the rewrite fails (the old file is kept)."""
+        self._end_solo()
         self._writable()
         await self._rewriter.run(explicit=True)
 
@@ -853,6 +863,14 @@ class DB:
             while self._busy:
                 os.sched_yield()  # releases the GIL to the solo thread, which ends its step
         return True
+
+    def _end_solo(self) -> None:
+        """In a thread other than the solo one: end the fast path for good (see `_take_guard`) before this
+        thread changes the schedule, the gate or the file, so no fast-path step slips past the change."""
+        solo = self._solo
+        if solo and solo != _get_ident():
+            self._take_guard()
+            self._guard.release()
 
     def _append(self, log: AppendLog, record: bytes) -> AppendFailed | None:
         """Append under the guard. On failure, close the gate (no one appends until the failed write is cut
@@ -953,7 +971,7 @@ class DB:
         """Drop an expired entry a reader found (on the loop: no write is in a step right now)."""
         data = self._index.data
         if data.get(key) is entry:
-            del data[key]
+            data.pop(key, None)  # a write in another thread may have dropped it meanwhile
 
     # -- internals: expiry -----------------------------------------------------------------------------------
 

@@ -97,7 +97,7 @@ class Index:
         """The entry of `key` if it is live at `now`; an expired one is dropped."""
         entry = self.data.get(key)
         if entry is not None and entry[1] is not None and entry[1] <= now:
-            del self.data[key]
+            self.data.pop(key, None)  # a reader in another thread may have dropped it meanwhile
             return None
         return entry
 
