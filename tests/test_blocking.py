@@ -3,7 +3,7 @@
 Like Starlette's suite does with `blockbuster`, this watches the calls that block: fsync, fdatasync,
 ftruncate, rename, replace, unlink, open and sleep, and every write, failing when one runs in a thread
 that is running an event loop. The one call allowed is the engine's append: one `write` of a record, by
-`AppendLog.append` or by the fast paths of `DB.set` and `DB.update`, which inline it.
+`AppendLog.append` or by `DB._solo_step` (the fast path of `DB.set` and `DB.update`), which inlines it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def on_event_loop() -> bool:
 @contextmanager
 def no_blocking_on_loop() -> Iterator[list[str]]:
     violations: list[str] = []
-    append_codes = {log.AppendLog.append.__code__, DB.set.__code__, DB.update.__code__}
+    append_codes = {log.AppendLog.append.__code__, DB._solo_step.__code__}
 
     def guard(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def watched(*args: Any, **kwargs: Any) -> Any:

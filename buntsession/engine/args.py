@@ -10,6 +10,7 @@ from buntsession.engine import format as fmt
 
 __all__ = ["check_key", "key_bytes", "require_int", "seconds", "show", "unix_time", "value_bytes"]
 
+_MAX_KEY = fmt.MAX_KEY_SIZE
 
 
 def check_key(key: object) -> None:
@@ -20,6 +21,16 @@ def check_key(key: object) -> None:
 
 
 def key_bytes(key: object) -> bytes:
+    """`key` encoded for a record. TypeError or ValueError, naming the fault, for a key that is not a
+    non-empty str of valid Unicode within the size limit."""
+    if type(key) is str:  # the common case first: every write pays for this call
+        try:
+            kb = key.encode()
+        except UnicodeEncodeError:
+            pass
+        else:
+            if 0 < len(kb) <= _MAX_KEY:
+                return kb
     check_key(key)
     assert isinstance(key, str)
     try:

@@ -608,15 +608,7 @@ class DB:
         (a time already past stores a key that is never returned); neither: never."""
         # The hot path: the common argument types are checked inline, anything else by the helpers,
         # which raise the errors the contract names.
-        if type(key) is str:
-            try:
-                kb = key.encode()
-            except UnicodeEncodeError:
-                kb = key_bytes(key)  # raises
-            if not 0 < len(kb) <= _MAX_KEY:
-                kb = key_bytes(key)  # raises
-        else:
-            kb = key_bytes(key)
+        kb = key_bytes(key)
         if type(value) is not bytes or len(value) > _MAX_VALUE:
             value = value_bytes(value)
         if ttl is None:
@@ -640,30 +632,13 @@ class DB:
             await self._write(key, partial(_planned, record, entry))
             return
         # The fast path: one synchronous step, as `_write` takes with the guard held.
-        log = self._log
         try:
             try:
-                if log is not None:
-                    # AppendLog.append, inlined (one write call): this is the hottest path of the engine.
-                    try:
-                        n = log._write(log.fd, record)
-                    except OSError as exc:
-                        raise self._append_failed(log, record, exc) from exc
-                    if n != len(record):
-                        raise self._append_failed(log, record, n)
-                    log.end += n
-                    log.written += n
-                # Index.put, inlined.
-                index = self._index
-                data = index.data
-                old = data.get(key)
-                data[key] = entry
-                if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
-                    _heappush(index.heap, (expire_at, key))
+                self._solo_step(key, record, entry)
             finally:
                 self._busy = False
         except AppendFailed as failed:
-            await self._recover_append(log, failed)  # type: ignore[arg-type]  # an append had a log
+            await self._recover_append(self._log, failed)  # type: ignore[arg-type]  # an append had a log
 
     async def update(self, key: str, change: Callable[[bytes | None], tuple[bytes, float | None] | None]) -> bool:
         """Read, change and write `key` atomically: no other write to the DB comes in between.
@@ -675,15 +650,7 @@ class DB:
         (ValueError) or not bytes-like (TypeError), or an expiry that is not a finite number (ValueError,
         TypeError).
         """
-        if type(key) is str:
-            try:
-                kb = key.encode()
-            except UnicodeEncodeError:
-                kb = key_bytes(key)  # raises
-            if not 0 < len(kb) <= _MAX_KEY:
-                kb = key_bytes(key)  # raises
-        else:
-            kb = key_bytes(key)
+        kb = key_bytes(key)
         me = _get_ident()
         if me != self._solo or _monotonic() >= self._due:  # as in `set`
             return await self._write(key, partial(self._plan_update, kb, change))
@@ -692,45 +659,26 @@ class DB:
             self._busy = False
             return await self._write(key, partial(self._plan_update, kb, change))
         # The fast path: `_write`'s step with `_plan_update`, inlined (the session store's write path).
-        log = self._log
         try:
             try:
-                index = self._index
-                data = index.data
+                data = self._index.data
                 old = data.get(key)
                 if old is not None and old[1] is not None and old[1] <= self._clock():
                     data.pop(key, None)  # expired (as Index.live does; a reader may have dropped it)
                     old = None
-                new = change(None if old is None else old[0])
-                if new is None:
+                step = self._plan_update(kb, change, old)
+                if step is None:
                     return False
-                value, expire_at = new
-                if type(value) is not bytes or len(value) > _MAX_VALUE:
-                    value = value_bytes(value)
-                if expire_at is not None and not (type(expire_at) is float and -_INF < expire_at < _INF):
-                    expire_at = unix_time(expire_at)
-                record = _encode(_SET, kb, value, expire_at, self._salt)
-                if log is not None:
-                    try:
-                        n = log._write(log.fd, record)
-                    except OSError as exc:
-                        raise self._append_failed(log, record, exc) from exc
-                    if n != len(record):
-                        raise self._append_failed(log, record, n)
-                    log.end += n
-                    log.written += n
-                data[key] = (value, expire_at)
-                if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
-                    _heappush(index.heap, (expire_at, key))
+                self._solo_step(key, step[0], step[1])
                 return True
             finally:
                 self._busy = False
         except AppendFailed as failed:
-            await self._recover_append(log, failed)  # type: ignore[arg-type]  # an append had a log
+            await self._recover_append(self._log, failed)  # type: ignore[arg-type]  # an append had a log
 
     def _plan_update(self, kb: bytes, change: Callable[[bytes | None], tuple[bytes, float | None] | None],
                      entry: Entry | None) -> tuple[bytes, Entry | None] | None:
-        """`update`'s step for the general path (`_write`)."""
+        """`update`'s step: the record to append and the entry to install for what `change` returns."""
         new = change(None if entry is None else entry[0])
         if new is None:
             return None
@@ -739,8 +687,8 @@ class DB:
         value, expire_at = new
         if type(value) is not bytes or len(value) > _MAX_VALUE:
             value = value_bytes(value)
-        if expire_at is not None:
-            expire_at = unix_time(expire_at)
+        if expire_at is not None and not (type(expire_at) is float and -_INF < expire_at < _INF):
+            expire_at = unix_time(expire_at)  # raises, or the float of a finite int
         return _encode(_SET, kb, value, expire_at, self._salt), (value, expire_at)
 
     async def expire(self, key: str, ttl: float | None, *, expire_at: float | None = None) -> bool:
@@ -871,6 +819,29 @@ class DB:
         if solo and solo != _get_ident():
             self._take_guard()
             self._guard.release()
+
+    def _solo_step(self, key: str, record: bytes, entry: Entry | None) -> None:
+        """The synchronous step of a fast-path write (`set`, `update`): append `record`, install `entry`.
+        Raises AppendFailed (the gate closed, as `_append` does) when the write call fails."""
+        log = self._log
+        if log is not None:
+            # AppendLog.append, inlined (one write call): this is the hottest path of the engine.
+            try:
+                n = log._write(log.fd, record)
+            except OSError as exc:
+                raise self._append_failed(log, record, exc) from exc
+            if n != len(record):
+                raise self._append_failed(log, record, n)
+            log.end += n
+            log.written += n
+        # Index.put, inlined.
+        assert entry is not None
+        data = self._index.data
+        old = data.get(key)
+        data[key] = entry
+        expire_at = entry[1]
+        if expire_at is not None and (old is None or old[1] is None or expire_at < old[1]):
+            _heappush(self._index.heap, (expire_at, key))
 
     def _append(self, log: AppendLog, record: bytes) -> AppendFailed | None:
         """Append under the guard. On failure, close the gate (no one appends until the failed write is cut

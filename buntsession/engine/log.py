@@ -198,8 +198,8 @@ class AppendLog:
     def append(self, data: bytes) -> None:
         """Write one record (or batch) with one write call. Raises AppendFailed, leaving `end` unchanged.
 
-        `DB.set` and `DB.update` inline this (the write call through `_write`, then `end` and `written`
-        moved by what it wrote, or `failure`): keep them in step."""
+        `DB._solo_step` (the fast path of `DB.set` and `DB.update`) inlines this (the write call through
+        `_write`, then `end` and `written` moved by what it wrote, or `failure`): keep them in step."""
         try:
             n = self._write(self.fd, data)
         except OSError as exc:
