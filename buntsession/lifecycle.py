@@ -65,12 +65,16 @@ class _Decoded(NamedTuple):
 
     record: bytes
     meta: Meta
-    items: tuple[tuple[str, Any, bytes | None], ...]
-    """(key, value, None) for an immutable value, (key, None, fingerprint) for a list or dict."""
+    values: dict[str, Any]
+    """Every key in the record's order: its immutable value, or None for a list or dict (see `pristine`)."""
     pristine: dict[str, bytes]
+    """The fingerprint of each list or dict value."""
 
     def thaw(self) -> dict[str, Any]:
-        return {key: value if blob is None else thaw(blob) for key, value, blob in self.items}
+        values = self.values.copy()
+        for key, blob in self.pristine.items():
+            values[key] = thaw(blob)
+        return values
 
 
 _NONE: Mapping[str, bytes] = {}
@@ -80,21 +84,19 @@ def _decoded(record: bytes, meta: Meta, values: dict[str, Any], blobs: Mapping[s
     """The cache entry of `record`, which holds `values`: datetimes as decoding gives them back (a fixed
     UTC offset, fold 0), so a load served from the cache equals one served from the store. `blobs` holds
     the fingerprints already known of list and dict values (see `Pending.blobs`)."""
-    items: list[tuple[str, Any, bytes | None]] = []
+    kept = values.copy()
     pristine: dict[str, bytes] = {}
     for name, value in values.items():
         kind = type(value)
         if kind is list or kind is dict:
             blob = blobs.get(name) or fingerprint(value)
             if blob is None:
-                return _Decoded(b"", meta, (), {})  # not JSON-like: keep nothing (never equals a record)
-            items.append((name, None, blob))
+                return _Decoded(b"", meta, {}, {})  # not JSON-like: keep nothing (never equals a record)
+            kept[name] = None
             pristine[name] = blob
         elif kind is datetime:
-            items.append((name, datetime.fromisoformat(value.isoformat()), None))
-        else:
-            items.append((name, value, None))
-    return _Decoded(record, meta, tuple(items), pristine)
+            kept[name] = datetime.fromisoformat(value.isoformat())
+    return _Decoded(record, meta, kept, pristine)
 
 
 class CookieChange(NamedTuple):

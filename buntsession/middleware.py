@@ -81,8 +81,8 @@ class SessionMiddleware:
         self.importer = StarletteCookies(secret_key, max_age) \
             if import_cookie_sessions and secret_key is not None else None
         # The first cookie of the name decides: its value, when it has the form of a token (plain) or of a
-        # token and a signature (signed); the groups are None for any other value.
-        form = rb"([A-Za-z0-9_-]{43})" if self.signer is None else rb"([A-Za-z0-9_-]{43})\.([A-Za-z0-9_-]{43})"
+        # token and a signature (signed); the group is None for any other value.
+        form = rb"([A-Za-z0-9_-]{43})" if self.signer is None else rb"([A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]{43})"
         name = rb"(?:^|;)[ \t]*" + re.escape(session_cookie.encode()) + rb"="
         self._find_cookie = re.compile(name + rb"(?:" + form + rb"[ \t]*(?=;|$))?").search
         self._find_raw_cookie = re.compile(name + rb"([^;]*)").search  # for import_cookie_sessions
@@ -195,15 +195,15 @@ class SessionMiddleware:
             found = self._find_cookie(value)
             if found is None:
                 continue
-            token = found[1]
-            if token is None:
+            cookie = found[1]
+            if cookie is None:
                 return None, False
             if self.signer is None:
-                return token.decode("ascii"), False
-            key = self.signer.verify(token, found[2])
-            if key is None:
+                return cookie.decode("ascii"), False
+            checked = self.signer.check(cookie)
+            if checked is None:
                 return None, False
-            return token.decode("ascii"), key > 0
+            return checked[0], checked[1] > 0
         return None, False
 
     async def _import(self, headers: Any) -> tuple[Session, Import | None, bool]:

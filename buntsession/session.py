@@ -13,6 +13,7 @@ The middleware's lifecycle (`buntsession.lifecycle`) reads a session through thr
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import marshal
 import secrets
@@ -40,6 +41,7 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+@functools.lru_cache(maxsize=4096)  # the tokens of the requests coming in are the same, again and again
 def store_key(token: str) -> str:
     """The store key of a token: its SHA-256, so a copy of the store hands out no live session."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -229,8 +231,12 @@ class Session(dict[str, Any]):
 
         Raises UnkeepableValue (a TypeError) when a list or dict was changed in place, after it was loaded
         or assigned, to hold what a session cannot keep: a tuple, a set, a datetime inside it, itself."""
-        if not (always or self.modified or self._touched is not None or self._touched_all):
+        handed_out = self._touched is not None or self._touched_all
+        if not (always or self.modified or handed_out):
             return None
+        changed = self._changed_in_place() if handed_out else _NOTHING
+        if not (always or self.modified or changed):
+            return None  # only read: every list and dict handed out is as loaded
         data = dict(dict.items(self))  # not dict.copy: on a subclass it reads through __getitem__
         put = set(self._put) if self._put else set()
         pristine = self._pristine or {}
@@ -244,19 +250,13 @@ class Session(dict[str, Any]):
                         check_value(data[key])  # assigned, then changed in place
                     if now is not None:
                         blobs[key] = now
-        if self._touched is not None or self._touched_all:
-            keys = [key for key, value in data.items() if type(value) in _MUTABLE] if self._touched_all \
-                else self._touched or ()
-            for key in keys:
-                if key not in put and key in data:
-                    now = fingerprint(data[key])
-                    if now != pristine.get(key):
-                        check_value(data[key])
-                        put.add(key)
-                        if now is not None:
-                            blobs[key] = now
-                        else:
-                            blobs.pop(key, None)
+        for key, now in changed.items():
+            check_value(data[key])
+            put.add(key)
+            if now is not None:
+                blobs[key] = now
+            else:
+                blobs.pop(key, None)
         removed: Set[str] = self._removed or frozenset()
         if not (always or put or removed or self._cleared or self._remember_changed or self._dead_tokens
                 or self._login):
@@ -264,6 +264,21 @@ class Session(dict[str, Any]):
         return Pending(self._token, self._meta, self._base, self._base_meta, data, put, removed, self._cleared,
                        self._remember, self._remember_changed, self._destroyed, self._dead_tokens, self._dead_user,
                        self._user, self._agent, self._login, self._key, blobs)
+
+    def _changed_in_place(self) -> Mapping[str, bytes | None]:
+        """The keys whose list or dict value was handed out and now differs from what was loaded (assigned
+        keys aside: `pending` checks those), with the value's `fingerprint` now."""
+        assigned = self._put or ()
+        pristine = self._pristine or {}
+        keys = [key for key, value in dict.items(self) if type(value) in _MUTABLE] if self._touched_all \
+            else self._touched or ()
+        changed: dict[str, bytes | None] = {}
+        for key in keys:
+            if key not in assigned and dict.__contains__(self, key):
+                now = fingerprint(dict.__getitem__(self, key))
+                if now != pristine.get(key):
+                    changed[key] = now
+        return changed
 
     def stored(self, token: str, key: str, meta: Meta, expires: float) -> None:
         """Record that the commit stored the session under `token`, at the store key `key`."""
@@ -652,3 +667,4 @@ class Session(dict[str, Any]):
 
 
 _MUTABLE = (list, dict)
+_NOTHING: Mapping[str, bytes | None] = {}

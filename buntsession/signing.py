@@ -4,6 +4,10 @@ itsdangerous derives each key and defines the format; the per-request work is do
 HMAC state prepared once, since a call through `Signer` costs several times the HMAC itself. The check
 compares signatures in constant time (`hmac.compare_digest`). A list of keys rotates: the first signs,
 every one verifies, and a value verified by a later key is reported as such, so its cookie is re-signed.
+
+A browser sends the same cookie with every request, so the cookies verified last are remembered: one that
+comes back costs a dict lookup instead of an HMAC. Only cookies that verified are kept, and an entry is
+found only by the exact bytes of such a cookie, so the lookup tells nothing about any other signature.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ __all__ = ["CookieSigner"]
 SALT = "buntsession.cookie"
 SIGNATURE_LENGTH = 43
 """Characters of an unpadded URL-safe base64 SHA-256 digest."""
+VERIFIED_COOKIES = 4096
+"""How many verified cookies a signer remembers at most (it forgets them all when it has that many)."""
 
 
 def _python_mac(key: bytes, digestmod: str) -> Any:
@@ -54,6 +60,7 @@ class CookieSigner:
             _mac(itsdangerous.Signer(key, salt=SALT, digest_method=hashlib.sha256).derive_key(), digestmod="sha256")
             for key in keys
         ]
+        self._verified: dict[bytes, tuple[str, int]] = {}
 
     def _signature(self, index: int, value: bytes) -> bytes:
         mac = self._macs[index].copy()
@@ -70,3 +77,20 @@ class CookieSigner:
             if hmac.compare_digest(self._signature(index, value), signature):
                 return index
         return None
+
+    def check(self, cookie: bytes) -> tuple[str, int] | None:
+        """For a cookie value `token.signature`: the token and the index of the key that signed it (0 is the
+        current one); None when no key did, or the value has another form."""
+        known = self._verified.get(cookie)
+        if known is not None:
+            return known
+        token, dot, signature = cookie.partition(b".")
+        index = self.verify(token, signature) if dot else None
+        if index is None:
+            return None
+        known = (token.decode("latin-1"), index)
+        verified = self._verified
+        if len(verified) >= VERIFIED_COOKIES:
+            verified.clear()  # one call, safe with threads: the cookies still in use come back at once
+        verified[cookie] = known
+        return known
