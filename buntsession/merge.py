@@ -67,6 +67,11 @@ class Update:
             self._record = encode_record(self.meta, self.data, head)
         return self._record
 
+    def planned(self, stored: bytes | None) -> tuple[bytes, float] | None:
+        """`apply_update` in the form of `DB.update`'s change: the record to store with its expiry, or None."""
+        merged = apply_update(stored, self)
+        return None if merged is None else (merged, self.expires_at)
+
     def changed(self) -> dict[str, Any]:
         """The keys this request set or changed in place, with their values; for a new session, all."""
         data = self.data

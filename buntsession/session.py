@@ -302,11 +302,14 @@ class Session(dict[str, Any]):
     def _assign(self, key: str, value: Any) -> None:
         check_key(key)
         check_value(value)  # raises now, not at commit, for a value that cannot be kept
-        self.mark_modified()
+        if self._frozen is not None:
+            raise RuntimeError(self._frozen)
+        self.accessed = self.modified = True
         dict.__setitem__(self, key, value)
         if self._put is None:
-            self._put = set()
-        self._put.add(key)
+            self._put = {key}
+        else:
+            self._put.add(key)
         if type(value) in _MUTABLE:  # it may be changed in place before the commit: checked again then
             if self._assigned is None:
                 self._assigned = {}

@@ -15,7 +15,7 @@ from types import TracebackType
 
 from buntsession.codec import Meta
 from buntsession.engine import DB
-from buntsession.merge import Update, apply_update
+from buntsession.merge import Update
 from buntsession.users import UserSessions, decode_index, encode_index, found_meta, index_key
 
 __all__ = ["BuntStore"]
@@ -57,13 +57,7 @@ class BuntStore(UserSessions):
         await self.db.delete(self.prefix + key)
 
     async def merge(self, key: str, update: Update) -> bool:
-        expires_at = update.expires_at
-
-        def change(stored: bytes | None) -> tuple[bytes, float] | None:
-            merged = apply_update(stored, update)
-            return None if merged is None else (merged, expires_at)
-
-        return await self.db.update(self.prefix + key, change)
+        return await self.db.update(self.prefix + key, update.planned)
 
     async def touch(self, key: str, expires_at: float) -> bool:
         return await self.db.expire(self.prefix + key, None, expire_at=expires_at)
