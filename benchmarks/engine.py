@@ -132,8 +132,9 @@ async def bench_set_get(workdir: str, n: int, rounds: int) -> dict[str, list[Ser
                 db_get.samples.append(await timed(n, get_loop))
 
     async def update_round(r: int) -> None:
-        # The session store's write path: BuntStore.merge hands DB.update a closure that gets the stored
-        # record and returns the new one with its absolute expiry (here: the value as it is given).
+        # The session store's write path: BuntStore.merge hands DB.update a change function (its Update's
+        # `planned`) that gets the stored record and returns the new one with its absolute expiry (here:
+        # the value as it is given).
         db = DB(f"{workdir}/db-update-{r}")
         expires = time.time() + TTL
         async with db:
