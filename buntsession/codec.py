@@ -55,13 +55,9 @@ def check_value(value: object) -> None:
     """Raise UnkeepableValue unless a session can keep `value` under a key and give it back exactly."""
     kind = type(value)
     if kind is str:
-        if not value.isascii():  # type: ignore[attr-defined]
-            _check_text(value)  # type: ignore[arg-type]
+        _check_text(value)  # type: ignore[arg-type]
         if len(value) > MAX_RECORD_SIZE:  # type: ignore[arg-type]
             raise UnkeepableValue(f"a str of {len(value)} characters is over the session size limit")  # type: ignore[arg-type]
-    elif kind is int:
-        if value.bit_length() > _CHECKED_INT_BITS:  # type: ignore[attr-defined]
-            _check_digits(value)  # type: ignore[arg-type]
     elif kind is list or kind is dict:
         check_json_like(value)
     elif kind is bytes:
@@ -141,8 +137,7 @@ def check_key(key: object) -> None:
     """Raise TypeError unless `key` can name a session value: a str of valid Unicode."""
     if type(key) is not str:
         raise TypeError(f"session keys are str, not {type(key).__name__}")
-    if not key.isascii():
-        _check_text(key)
+    _check_text(key)
 
 
 def _check_text(text: str) -> None:

@@ -302,9 +302,7 @@ class Session(dict[str, Any]):
     def _assign(self, key: str, value: Any) -> None:
         check_key(key)
         check_value(value)  # raises now, not at commit, for a value that cannot be kept
-        if self._frozen is not None:
-            raise RuntimeError(self._frozen)
-        self.accessed = self.modified = True
+        self.mark_modified()
         dict.__setitem__(self, key, value)
         if self._put is None:
             self._put = {key}

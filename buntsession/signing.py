@@ -84,8 +84,8 @@ class CookieSigner:
         known = self._verified.get(cookie)
         if known is not None:
             return known
-        token, dot, signature = cookie.partition(b".")
-        index = self.verify(token, signature) if dot else None
+        token, _, signature = cookie.partition(b".")
+        index = self.verify(token, signature)  # no dot: an empty signature, which no key made
         if index is None:
             return None
         known = (token.decode("latin-1"), index)
